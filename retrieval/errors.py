@@ -1,0 +1,40 @@
+"""Exceptions that carry a message meant for the user; the CLI turns them into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class RetrieveError(Exception):
+    """Base class: an error whose message is complete and actionable on its own."""
+
+    exit_code = 2
+
+
+class UnknownNameError(RetrieveError, KeyError):
+    """A name (backbone, layer, method...) that is not known; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsUnavailableError(RetrieveError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+class CheckpointError(RetrieveError):
+    """A checkpoint file is corrupt, of the wrong kind, or for another architecture."""
+
+
+class IndexNotFoundError(RetrieveError):
+    """No index at the given path, or no index built yet."""
+
+
+class IndexFormatError(RetrieveError):
+    """An index directory exists but cannot be read (version, missing files, mismatch)."""
+
+
+class BadImageError(RetrieveError):
+    """One image cannot be decoded; the reason goes into the skip ledger."""
+
+
+class EmptyInputError(RetrieveError):
+    """A folder holds no usable images."""
