@@ -1,4 +1,4 @@
-"""Network definitions that torchvision lacks (LeNet-5) and the one `build_model` every caller uses."""
+"""Network definitions that torchvision lacks (LeNet-5) and helpers to adapt torchvision ones."""
 
 from __future__ import annotations
 
