@@ -1,0 +1,63 @@
+"""The typer application, the shared console, and the single place where library errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from retrieval.errors import RetrieveError
+
+app = typer.Typer(
+    name="retrieve",
+    help=(
+        "Turn folders of images into searchable convnet embeddings.\n\n"
+        "Start with `retrieve demo` (offline, a few minutes on CPU), or `retrieve index ./images` "
+        "then `retrieve query some.jpg`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+# Results go to stdout; progress, notes and errors go to stderr, so `--json` output stays parseable.
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exits_cleanly(func: F) -> F:
+    """Turn RetrieveError (and Ctrl-C) into one clear line and an exit code instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RetrieveError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
+    """`app.command` with clean error handling: every command module registers through this."""
+
+    def decorate(func: F) -> F:
+        app.command(*args, **kwargs)(exits_cleanly(func))
+        return func
+
+    return decorate
+
+
+def sub_app(name: str, help: str) -> typer.Typer:
+    """A command group (e.g. `retrieve viz ...`) whose commands use `exits_cleanly` themselves."""
+    group = typer.Typer(help=help, no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
