@@ -1,0 +1,179 @@
+"""The index job: scan a folder, decode in loader workers, embed on the device, write resumable shards."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.runner import StageTimer
+from retrieval.config import IndexConfig
+from retrieval.errors import EmptyInputError, RetrieveError
+
+ENGINES = ("local",)
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What a run did, for the CLI summary and for benchmarks."""
+
+    index: Path
+    indexed: int  # vectors in the committed index
+    embedded: int  # embedded by this run (the rest were reused from an interrupted run)
+    skipped: int  # files in the ledger
+    seconds: float
+    device: str
+    backbone: str
+    dim: int
+    stages: dict[str, float] = field(default_factory=dict)
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+class Progress:
+    """Callbacks the job reports through; the CLI renders them with rich, tests ignore them."""
+
+    def start(self, total: int, done: int, description: str) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def note(self, message: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexReport:
+    """Index every image below `config.images` into `config.index`; resumes an interrupted run."""
+    import torch
+
+    from retrieval import __version__
+    from retrieval.backbones import load_backbone
+    from retrieval.device import resolve_runtime
+    from retrieval.embed import default_batch_size, default_workers, forward, iter_batches, prepare_model
+    from retrieval.images import IMAGE_EXTENSIONS, Transform, scan
+    from retrieval.index import check_metric
+    from retrieval.store import Staging, commit
+
+    progress = progress or Progress()
+    if config.engine not in ENGINES:
+        raise RetrieveError(f"Unknown engine {config.engine!r}; available: {', '.join(ENGINES)}.")
+    check_metric(config.metric)
+    t0 = time.perf_counter()
+    timer = StageTimer()
+    root = Path(config.images).expanduser().absolute()
+    index_dir = Path(config.index).expanduser().absolute()
+    if not root.is_dir():
+        raise EmptyInputError(f"{root} is not a folder.")
+
+    with timer.stage("scan"):
+        entries, problems = scan(root)
+    if not entries and not problems:
+        raise EmptyInputError(
+            f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
+        )
+
+    with timer.stage("load model"):
+        runtime = resolve_runtime(config.device, config.dtype)
+        backbone = load_backbone(config.backbone, config.weights, config.layer)
+        progress.note(f"device: {runtime.describe()}")
+        progress.note(
+            f"backbone: {backbone.spec.name} ({backbone.layer or 'pixels'}) {backbone.dim}-d, "
+            f"weights {backbone.weights.id}"
+        )
+        if backbone.weights.kind == "none":
+            progress.note(
+                "[bold yellow]weights: none: RANDOM initialisation (seed 0); neighbours will be close "
+                "to meaningless. Use --weights imagenet or a trained checkpoint for real retrieval.[/]"
+            )
+        model = prepare_model(backbone, runtime)
+        transform = Transform(backbone.preprocess)
+
+    manifest: dict[str, Any] = {
+        "format": "retrieve-index",
+        "format_version": 1,
+        "retrieve_version": __version__,
+        "root": str(root),
+        "backbone": backbone.spec.name,
+        "layer": backbone.layer,
+        "weights": {
+            "kind": backbone.weights.kind,
+            "id": backbone.weights.id,
+            "sha256": backbone.weights.sha256,
+        },
+        "checkpoint": str(Path(config.weights).absolute()) if backbone.weights.kind == "checkpoint" else None,
+        "preprocess": backbone.preprocess.to_dict(),
+        "dim": backbone.dim,
+        "metric": config.metric,
+        "dtype": "float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
+    }
+    # Staged shards are reused only by a run that would compute the same vectors.
+    key = {k: manifest[k] for k in ("root", "backbone", "layer", "weights", "preprocess", "dim")}
+    staging = Staging(index_dir, key, config.shard_rows)
+    done = staging.open()
+    todo = [
+        e for e in entries if (d := done.get(e.relpath)) is None or (d.size, d.mtime) != (e.size, e.mtime)
+    ]
+    reused = len(entries) - len(todo)
+    if reused:
+        progress.note(f"resuming: {reused} files already handled by an interrupted run")
+    staging.add(
+        [],
+        [],
+        [
+            {"path": p, "label": "", "bytes": 0, "mtime": 0.0, "reason": r}
+            for p, r in problems
+            if p not in done
+        ],
+    )
+
+    batch_size = config.batch_size or default_batch_size(runtime)
+    workers = default_workers(runtime) if config.workers is None else config.workers
+    embedded = 0
+    if todo:
+        torch.set_grad_enabled(False)
+        progress.start(len(entries), reused, f"embedding with {backbone.spec.name}")
+        try:
+            for batch in timer.timed("read", iter_batches(todo, transform, runtime, batch_size, workers)):
+                with timer.stage("map"):
+                    vectors = forward(model, runtime, transform, batch.images) if batch.rows else []
+                with timer.stage("write"):
+                    staging.add(vectors, batch.rows, batch.skipped)
+                embedded += len(batch.rows)
+                progress.advance(len(batch.rows) + len(batch.skipped))
+        finally:
+            # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.
+            staging.flush()
+            progress.stop()
+
+    with timer.stage("commit"):
+        manifest = commit(
+            index_dir,
+            staging,
+            [e.relpath for e in entries] + [p for p, _ in problems],
+            manifest,
+            config.metric,
+            config.shard_rows,
+        )
+    from retrieval.store import generation_dir, read_jsonl
+
+    ledger = read_jsonl(generation_dir(index_dir, manifest) / "skipped.jsonl")
+    reasons: dict[str, int] = {}
+    for row in ledger:
+        reasons[_reason_kind(row["reason"])] = reasons.get(_reason_kind(row["reason"]), 0) + 1
+    return IndexReport(
+        index=index_dir,
+        indexed=manifest["counts"]["indexed"],
+        embedded=embedded,
+        skipped=manifest["counts"]["skipped"],
+        seconds=time.perf_counter() - t0,
+        device=runtime.describe(),
+        backbone=backbone.spec.name,
+        dim=backbone.dim,
+        stages=dict(timer.seconds),
+        skipped_reasons=reasons,
+    )

@@ -1,0 +1,229 @@
+"""The Python API: open an index and search it by image file, by vector, or by an indexed image's id."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.errors import IndexFormatError, IndexNotFoundError, RetrieveError
+from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour."""
+
+    rank: int
+    id: int
+    distance: float
+    path: str  # relative to the index root
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "id": self.id,
+            "distance": self.distance,
+            "path": self.path,
+            "label": self.label,
+        }
+
+
+def state_dir() -> Path:
+    """Where `retrieve` remembers the last index built (RETRIEVE_STATE_DIR overrides)."""
+    env = os.environ.get("RETRIEVE_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "retrieve"
+
+
+def remember_last_index(path: str | os.PathLike) -> None:
+    d = state_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "last-index").write_text(str(Path(path).absolute()) + "\n")
+    except OSError:
+        pass  # remembering is a convenience; a read-only home must not fail a finished index
+
+
+def last_index() -> Path:
+    f = state_dir() / "last-index"
+    if not f.exists():
+        raise IndexNotFoundError(
+            "No index given and none built yet: run `retrieve index FOLDER` or pass --index."
+        )
+    path = Path(f.read_text().strip())
+    if not (path / "manifest.json").exists():
+        raise IndexNotFoundError(
+            f"The last index, {path}, no longer exists; pass --index or re-run `retrieve index`."
+        )
+    return path
+
+
+class Index:
+    """A read-only view of an index directory; the backbone is loaded on first image query."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.manifest = read_manifest(self.path)
+        self.dir = generation_dir(self.path, self.manifest)
+
+    # -- data ---------------------------------------------------------------------------------
+    @cached_property
+    def metadata(self):  # -> pyarrow.Table
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.dir / "metadata.parquet")
+
+    @cached_property
+    def paths(self) -> list[str]:
+        return self.metadata.column("path").to_pylist()
+
+    @cached_property
+    def labels(self) -> list[str]:
+        return self.metadata.column("label").to_pylist()
+
+    @cached_property
+    def _ids_by_path(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.paths)}
+
+    @property
+    def root(self) -> Path:
+        return Path(self.manifest["root"])
+
+    @property
+    def metric(self) -> str:
+        return self.manifest["metric"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["indexed"])
+
+    def vectors(self) -> np.ndarray:
+        """All vectors, rows in id order (memory-mapped when the index has one shard)."""
+        return load_vectors(self.path, self.manifest)
+
+    def skipped(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.dir / "skipped.jsonl")
+
+    @cached_property
+    def searcher(self):  # -> ExactIndex
+        from retrieval.index import ExactIndex
+
+        if not (self.dir / "index.faiss").exists():
+            raise IndexFormatError(f"{self.path} lacks its FAISS index file.")
+        return ExactIndex.load(self.dir / "index.faiss", metric=self.metric)
+
+    # -- lookups ------------------------------------------------------------------------------
+    def id_of(self, ref: str | int | os.PathLike) -> int:
+        """An id from an int, a path relative to the root, or a path to a file under the root."""
+        if isinstance(ref, int | np.integer):
+            if not 0 <= int(ref) < len(self):
+                raise RetrieveError(f"id {ref} is out of range (the index holds {len(self)} images).")
+            return int(ref)
+        s = str(ref)
+        if s.isdigit() and s not in self._ids_by_path:
+            return self.id_of(int(s))
+        candidates = [s.replace(os.sep, "/")]
+        p = Path(s).expanduser()
+        for base in (p.absolute(), p.resolve()):
+            try:
+                candidates.append(base.relative_to(self.root).as_posix())
+            except ValueError:
+                pass
+        # A path like images/dogs/12.jpg given from the root's parent: strip leading components.
+        parts = Path(s).parts
+        candidates += ["/".join(parts[i:]) for i in range(1, len(parts))]
+        for c in candidates:
+            if c in self._ids_by_path:
+                return self._ids_by_path[c]
+        raise RetrieveError(f"{s!r} is not in the index {self.path} (paths are relative to {self.root}).")
+
+    def hit(self, rank: int, i: int, distance: float) -> Hit:
+        return Hit(rank, int(i), float(distance), self.paths[i], self.labels[i])
+
+    # -- search -------------------------------------------------------------------------------
+    def search_vectors(self, x: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Neighbours of each row of `x` (already embedded with this index's backbone)."""
+        x = np.atleast_2d(np.asarray(x, np.float32))
+        dist, ids = self.searcher.search(x, min(k, len(self)))
+        return [
+            [self.hit(r + 1, i, d) for r, (i, d) in enumerate(zip(ids[q], dist[q], strict=True)) if i >= 0]
+            for q in range(len(x))
+        ]
+
+    def search_ids(self, refs: list[str | int], k: int = 10, exclude_self: bool = True) -> list[list[Hit]]:
+        """Neighbours of images already in the index, by id or path; the image itself is left out."""
+        ids = [self.id_of(r) for r in refs]
+        x = np.asarray(self.vectors()[ids], dtype=np.float32)
+        extra = 1 if exclude_self else 0
+        out = []
+        for i, hits in zip(ids, self.search_vectors(x, k + extra), strict=True):
+            kept = [h for h in hits if not (exclude_self and h.id == i)][:k]
+            out.append([Hit(r + 1, h.id, h.distance, h.path, h.label) for r, h in enumerate(kept)])
+        return out
+
+    def embed(self, paths: list[str | os.PathLike], device: str = "auto") -> np.ndarray:
+        """Embed image files exactly as the database was: same backbone, weights and preprocessing."""
+        from retrieval.device import resolve_runtime
+        from retrieval.embed import embed_files, prepare_model
+
+        backbone = self.backbone()
+        runtime = resolve_runtime(device, self.manifest.get("dtype", "auto"))
+        return embed_files(prepare_model(backbone, runtime), runtime, paths)
+
+    def search_paths(
+        self, paths: list[str | os.PathLike], k: int = 10, device: str = "auto"
+    ) -> list[list[Hit]]:
+        return self.search_vectors(self.embed(paths, device=device), k)
+
+    def search(self, query: Any, k: int = 10) -> list[list[Hit]]:
+        """Dispatch: a numpy array = vectors; an int = id; a str/Path = a file (or an indexed path)."""
+        if isinstance(query, np.ndarray):
+            return self.search_vectors(query, k)
+        queries = query if isinstance(query, list | tuple) else [query]
+        if all(isinstance(q, int | np.integer) for q in queries):
+            return self.search_ids(list(queries), k)
+        return self.search_paths(list(queries), k)
+
+    # -- model --------------------------------------------------------------------------------
+    def backbone(self):  # -> Backbone
+        """The backbone the index was built with; refuses weights that differ from the recorded hash."""
+        from retrieval.backbones import Preprocess, load_backbone
+
+        m = self.manifest
+        w = m["weights"]
+        if w["kind"] == "pixels":
+            weights = None
+        elif w["kind"] == "checkpoint":
+            weights = m.get("checkpoint")
+            if not weights or not Path(weights).exists():
+                raise RetrieveError(
+                    f"The index was built with checkpoint {w['id']} ({weights}), which is no longer there; "
+                    "queries must be embedded with the same weights."
+                )
+        else:
+            weights = w["kind"]
+        backbone = load_backbone(m["backbone"], weights, m["layer"] or None)
+        if backbone.weights.sha256 != w["sha256"]:
+            raise RetrieveError(
+                f"The weights now loaded for {m['backbone']} (sha256 {backbone.weights.sha256[:12]}) differ "
+                f"from those the index was built with ({w['sha256'][:12]}); re-index or restore the weights."
+            )
+        if backbone.preprocess != Preprocess.from_dict(m["preprocess"]):
+            raise RetrieveError("The backbone's preprocessing differs from the one recorded in the index.")
+        return backbone
+
+
+def open_index(path: str | os.PathLike | None = None) -> Index:
+    """Open the index at `path`, or the last one built when `path` is None."""
+    return Index(path if path is not None else last_index())

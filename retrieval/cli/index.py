@@ -1,0 +1,266 @@
+"""CLI: `retrieve index`, `query`, `info` and `backbones`: thin wrappers over pipelines and the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from retrieval.cli._app import command, console, err_console
+
+IndexOpt = Annotated[
+    Path | None, typer.Option("--index", "-i", help="Index directory. Default: the last index built.")
+]
+
+
+class _RichProgress:
+    """Renders the pipeline's progress callbacks as a rich bar with images/s."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self.task = None
+        self._start = 0.0
+        self._n = 0
+
+    def start(self, total: int, done: int, description: str) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        self.task = self.bar.add_task(description, total=total, completed=done, rate="")
+        self.bar.start()
+
+    def advance(self, n: int) -> None:
+        import time
+
+        self._n += n
+        rate = self._n / max(time.perf_counter() - self._start, 1e-9)
+        self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
+
+    def note(self, message: str) -> None:
+        err_console.print(message, highlight=False)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+@command("index")
+def index_cli(
+    images: Annotated[
+        Path, typer.Argument(help="Folder of images, scanned recursively; label = parent folder.")
+    ],
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", "-i", help="Where to write the index. Default: ./indexes/FOLDER-BACKBONE"),
+    ] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option("--backbone", "-b", help="Registry name (see `retrieve backbones`). Default: resnet50."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="imagenet | none (random init) | a checkpoint from `retrieve train`. Default: per backbone."
+        ),
+    ] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="FX node to tap instead of the default (FC7 / pool).")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="l2 (Euclidean) or cosine.")] = "l2",
+    device: Annotated[str, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (autocast).")] = "auto",
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per batch. Default: 256 GPU, 32 CPU.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes. Default: chosen for the device.")
+    ] = None,
+    shard_rows: Annotated[
+        int, typer.Option(help="Vectors per on-disk shard (unit of resumable progress).")
+    ] = 4096,
+) -> None:
+    """Embed every image under IMAGES and write a FAISS index.
+
+    Bad files are skipped and listed in the index's ledger. Interrupting is safe: the previous index
+    stays readable and re-running the same command resumes where it stopped.
+    """
+    from pipelines.index_folder import build_index
+    from retrieval.api import remember_last_index
+    from retrieval.backbones import DEFAULT_BACKBONE
+    from retrieval.config import IndexConfig
+
+    if index is None:
+        name = backbone or (
+            Path(weights).stem if weights not in (None, "imagenet", "none") else DEFAULT_BACKBONE
+        )
+        index = Path("indexes") / f"{images.absolute().name}-{name}"
+    config = IndexConfig(
+        images=images,
+        index=index,
+        backbone=backbone,
+        weights=weights,
+        layer=layer,
+        metric=metric,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        shard_rows=shard_rows,
+    )
+    report = build_index(config, progress=_RichProgress())
+    remember_last_index(report.index)
+    reasons = ", ".join(f"{n} {k}" for k, n in sorted(report.skipped_reasons.items()))
+    err_console.print(
+        f"[bold green]indexed[/] {report.indexed} images ({report.embedded} embedded now) "
+        f"[bold]skipped[/] {report.skipped}{f' ({reasons})' if reasons else ''} in {report.seconds:.1f}s, "
+        f"{report.images_per_second:,.1f} img/s  [dim]{report.backbone} {report.dim}-d on {report.device}[/]",
+        highlight=False,
+    )
+    err_console.print(f"index: {report.index}", highlight=False)
+    if report.skipped:
+        err_console.print("skipped files: `retrieve info --skipped`", highlight=False)
+
+
+@command("query")
+def query_cli(
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files to find neighbours of.")] = None,
+    index: IndexOpt = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
+    id: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--id", help="An image already in the index (path relative to its root, or id); repeatable."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    device: Annotated[str, typer.Option(help="Device for embedding the query images.")] = "auto",
+) -> None:
+    """Find the k nearest neighbours (L2, or the index's metric) of images, in the index's feature space."""
+    from retrieval.api import open_index
+    from retrieval.errors import RetrieveError
+
+    if not images and not id:
+        raise RetrieveError("Give image files to query, or --id for an image already in the index.")
+    idx = open_index(index)
+    results: list[tuple[str, list]] = []
+    if images:
+        results += list(
+            zip([str(p) for p in images], idx.search_paths(list(images), k, device=device), strict=True)
+        )
+    if id:
+        results += list(zip(id, idx.search_ids(list(id), k), strict=True))
+    if as_json:
+        payload = {
+            "index": str(idx.path),
+            "metric": idx.metric,
+            "results": [{"query": q, "neighbours": [h.to_dict() for h in hits]} for q, hits in results],
+        }
+        console.print_json(json.dumps(payload))
+        return
+    for q, hits in results:
+        table = Table(title=f"{q}  [dim]({idx.manifest['backbone']}, {idx.metric})[/]", title_justify="left")
+        for col, just in [("rank", "right"), ("distance", "right"), ("path", "left"), ("label", "left")]:
+            table.add_column(col, justify=just)
+        for h in hits:
+            table.add_row(str(h.rank), f"{h.distance:.4f}", h.path, h.label)
+        console.print(table)
+
+
+@command("info")
+def info_cli(
+    index: Annotated[
+        Path | None, typer.Argument(help="Index directory. Default: the last index built.")
+    ] = None,
+    skipped: Annotated[
+        bool, typer.Option("--skipped", help="List every skipped file with its reason.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """What an index holds: backbone, weights, preprocessing, counts and skipped files."""
+    from collections import Counter
+
+    from retrieval.api import open_index
+
+    idx = open_index(index)
+    m = idx.manifest
+    if as_json:
+        console.print_json(json.dumps({**m, "path": str(idx.path)}))
+        return
+    table = Table(show_header=False, title=str(idx.path), title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    w = m["weights"]
+    rows = [
+        ("root", m["root"]),
+        ("backbone", f"{m['backbone']}  layer {m['layer'] or '-'}  {m['dim']}-d"),
+        ("weights", f"{w['kind']}: {w['id']}" + (f"  sha256 {w['sha256'][:16]}…" if w["sha256"] else "")),
+        ("preprocess", ", ".join(f"{k}={v}" for k, v in m["preprocess"].items())),
+        ("metric", m["metric"]),
+        ("images", f"{m['counts']['indexed']} indexed, {m['counts']['skipped']} skipped"),
+        ("labels", ", ".join(f"{k} ({v})" for k, v in sorted(Counter(idx.labels).items())[:20])),
+        ("generation", f"{m['generation']}  committed {m['committed']}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    ledger = idx.skipped()
+    if ledger:
+        kinds = Counter(r["reason"].split(":")[0] for r in ledger)
+        console.print("skipped: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()), highlight=False)
+        if skipped:
+            for r in ledger:
+                console.print(f"  {r['path']}: {r['reason']}", highlight=False, markup=False)
+
+
+@command("backbones")
+def backbones_cli(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The backbone registry: names, tapped layer, dimension, weights and preprocessing."""
+    from retrieval.backbones import DEFAULT_BACKBONE, get_spec, list_backbones
+
+    specs = [get_spec(n) for n in list_backbones()]
+    if as_json:
+        rows = [
+            {
+                "name": s.name,
+                "layer": s.node,
+                "dim": s.dim,
+                "weights": s.weights,
+                "default_weights": s.default_weights,
+                "input": s.preprocess.size,
+                "description": s.description,
+            }
+            for s in specs
+        ]
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="backbones (use with --backbone)", title_justify="left")
+    for col in ("name", "layer", "dim", "input", "imagenet weights", "description"):
+        table.add_column(col)
+    for s in specs:
+        name = f"[bold]{s.name}[/] (default)" if s.name == DEFAULT_BACKBONE else s.name
+        table.add_row(
+            name, s.node or "-", str(s.dim), f"{s.preprocess.size}px", s.weights or "-", s.description
+        )
+    console.print(table)

@@ -1,0 +1,101 @@
+"""Exact nearest-neighbour search over float32 vectors with FAISS: pure functions and one fitted object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import RetrieveError
+
+METRICS = ("l2", "cosine")
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise RetrieveError(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
+    return metric
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit-length rows (zero rows stay zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+class ExactIndex:
+    """Exact search: `IndexFlatL2` for L2, inner product on unit vectors for cosine.
+
+    Follows the scikit-learn contract: `fit` returns self, learned state ends in `_`.
+    `search` returns (distances, ids) with true Euclidean distances for `l2` (FAISS gives squared
+    ones) and `1 - cosine similarity` for `cosine`; missing neighbours (k > n) have id -1.
+    """
+
+    def __init__(self, *, metric: str = "l2") -> None:
+        self.metric = metric
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2:
+            raise RetrieveError(f"expected a 2-D array of vectors, got shape {x.shape}")
+        return normalize_rows(x) if self.metric == "cosine" else x
+
+    def fit(self, blocks: np.ndarray | Iterable[np.ndarray]) -> ExactIndex:
+        """Add vectors given as one array or as an iterator of blocks (data larger than RAM)."""
+        import faiss
+
+        check_metric(self.metric)
+        self.index_ = None
+        for block in [blocks] if isinstance(blocks, np.ndarray) else blocks:
+            block = self._prepare(block)
+            if self.index_ is None:
+                d = block.shape[1]
+                self.index_ = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
+            self.index_.add(block)
+        if self.index_ is None:
+            raise RetrieveError("no vectors to index")
+        return self
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index_.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index_.d)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise RetrieveError("k must be at least 1")
+        xq = self._prepare(xq)
+        if xq.shape[1] != self.dim:
+            raise RetrieveError(f"query vectors have {xq.shape[1]} dims, the index has {self.dim}")
+        dist, ids = self.index_.search(xq, k)
+        if self.metric == "l2":
+            dist = np.sqrt(np.maximum(dist, 0.0))
+        else:
+            dist = 1.0 - dist
+        dist[ids < 0] = np.inf
+        return dist.astype(np.float32), ids.astype(np.int64)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        return np.stack([self.index_.reconstruct(int(i)) for i in ids])
+
+    def save(self, path: str | os.PathLike) -> None:
+        import faiss
+
+        faiss.write_index(self.index_, str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, metric: str) -> ExactIndex:
+        import faiss
+
+        obj = cls(metric=metric)
+        try:
+            obj.index_ = faiss.read_index(str(Path(path)))
+        except RuntimeError as exc:
+            raise RetrieveError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from None
+        return obj

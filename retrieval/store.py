@@ -1,0 +1,305 @@
+"""The on-disk index directory: atomic writes, resumable staging shards, and generations.
+
+Layout of an index directory:
+
+    manifest.json           the commit point: names the live generation; replaced atomically
+    gen-000001/             one complete, immutable generation
+        vectors-00000.npy   float32 vector shards, rows in id order
+        metadata.parquet    id, path (relative to root), label, width, height, bytes, mtime
+        skipped.jsonl       the ledger of files that were not indexed, with reasons
+        index.faiss         the FAISS index over all vectors
+    .staging/               shards of a run in progress; a re-run with the same settings resumes
+
+A killed run never touches the live generation, so the previous index stays readable; the next
+run with the same settings reuses every staged shard and finishes the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval.errors import EmptyInputError, IndexFormatError, IndexNotFoundError
+
+FORMAT = "retrieve-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("mtime", pa.float64()),
+    ]
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic file writes
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(fileobj)` to a temporary file beside `path`, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    _atomic_write(path, lambda fh: pq.write_table(table, fh))
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    _atomic_write(path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Staging: the resumable part of a run
+
+
+@dataclass(frozen=True)
+class Done:
+    """A file the staging area has already handled (embedded or skipped), keyed by relpath."""
+
+    size: int
+    mtime: float
+
+
+class Staging:
+    """Shards of the run in progress. A shard is valid once its metadata file exists (written last)."""
+
+    def __init__(self, index_dir: Path, key: dict[str, Any], shard_rows: int) -> None:
+        self.dir = index_dir / STAGING
+        self.key = key
+        self.shard_rows = shard_rows
+        self._vectors: list[np.ndarray] = []
+        self._rows: list[dict[str, Any]] = []
+        self._skipped: list[dict[str, Any]] = []
+        self._next = 0
+
+    def open(self) -> dict[str, Done]:
+        """Reuse staged shards made with the same settings; otherwise start clean. Returns what is done."""
+        key_file = self.dir / "run.json"
+        if key_file.exists():
+            try:
+                same = json.loads(key_file.read_text()) == self.key
+            except (OSError, json.JSONDecodeError):
+                same = False
+            if not same:
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(key_file, self.key)
+        done: dict[str, Done] = {}
+        for shard in self.shards():
+            table = pq.read_table(shard.with_suffix(".parquet"), columns=["path", "bytes", "mtime"])
+            for p, b, m in zip(
+                *(table.column(c).to_pylist() for c in ("path", "bytes", "mtime")), strict=True
+            ):
+                done[p] = Done(b, m)
+            for row in read_jsonl(shard.with_suffix(".skipped.jsonl")):
+                done[row["path"]] = Done(row["bytes"], row["mtime"])
+        self._next = 1 + max((int(s.stem.split("-")[1]) for s in self.shards()), default=-1)
+        return done
+
+    def shards(self) -> list[Path]:
+        """Valid shards (stem paths without suffix), in write order."""
+        if not self.dir.exists():
+            return []
+        return sorted(p.with_suffix("") for p in self.dir.glob("shard-*.parquet"))
+
+    def add(self, vectors: np.ndarray, rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
+        if len(vectors):
+            self._vectors.append(np.asarray(vectors, dtype=np.float32))
+            self._rows.extend(rows)
+        self._skipped.extend(skipped)
+        if len(self._rows) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows and not self._skipped:
+            return
+        stem = self.dir / f"shard-{self._next:06d}"
+        dim = self._vectors[0].shape[1] if self._vectors else 0
+        vectors = np.concatenate(self._vectors) if self._vectors else np.zeros((0, dim), np.float32)
+        write_npy(stem.with_suffix(".npy"), vectors)
+        write_jsonl(stem.with_suffix(".skipped.jsonl"), self._skipped)
+        # The metadata file is written last: its presence is what makes the shard count.
+        write_parquet(stem.with_suffix(".parquet"), pa.Table.from_pylist(self._rows, schema=METADATA_SCHEMA))
+        self._next += 1
+        self._vectors, self._rows, self._skipped = [], [], []
+
+
+# ----------------------------------------------------------------------------------------------
+# Committing a generation
+
+
+def _generations(index_dir: Path) -> list[Path]:
+    return sorted(p for p in index_dir.glob("gen-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def commit(
+    index_dir: Path,
+    staging: Staging,
+    order: Sequence[str],
+    manifest: dict[str, Any],
+    metric: str,
+    shard_rows: int,
+) -> dict[str, Any]:
+    """Turn the staged shards into a new generation, then switch manifest.json to it.
+
+    `order` is the scan order of relative paths: ids follow it, whatever order (or how many
+    interrupted runs) the shards were written in. Files staged but no longer present are dropped.
+    """
+    from retrieval.index import ExactIndex
+
+    staging.flush()
+    rank = {p: i for i, p in enumerate(order)}
+    shard_paths = staging.shards()
+    arrays = [np.load(s.with_suffix(".npy"), mmap_mode="r") for s in shard_paths]
+    tables = [pq.read_table(s.with_suffix(".parquet")) for s in shard_paths]
+    src_shard, src_row, rows = [], [], []
+    for si, table in enumerate(tables):
+        for ri, row in enumerate(table.to_pylist()):
+            if row["path"] in rank:
+                src_shard.append(si)
+                src_row.append(ri)
+                rows.append(row)
+    skipped = [
+        r for s in shard_paths for r in read_jsonl(s.with_suffix(".skipped.jsonl")) if r["path"] in rank
+    ]
+    skipped.sort(key=lambda r: rank[r["path"]])
+    perm = np.argsort([rank[r["path"]] for r in rows], kind="stable")
+    src_shard_a, src_row_a = np.asarray(src_shard, np.int64)[perm], np.asarray(src_row, np.int64)[perm]
+    rows = [rows[i] for i in perm]
+
+    if not rows:
+        # Never replace a good index with an empty one.
+        reasons = sorted({r["reason"].split(":")[0] for r in skipped})
+        raise EmptyInputError(
+            f"None of the {len(skipped)} image files could be read ({'; '.join(reasons) or 'no images'}); "
+            "nothing was indexed and any previous index is untouched."
+        )
+    previous = _generations(index_dir)
+    number = 1 + max((int(p.name.split("-")[1]) for p in previous), default=0)
+    name = f"gen-{number:06d}"
+    tmp = index_dir / f"{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    dim = int(manifest["dim"])
+    vector_files: list[str] = []
+
+    def blocks() -> Iterator[np.ndarray]:
+        # Gather rows shard by shard from memory-mapped staging files: memory stays one block.
+        for start in range(0, len(rows), shard_rows):
+            sl = slice(start, start + shard_rows)
+            out = np.empty((len(src_shard_a[sl]), dim), np.float32)
+            for si in np.unique(src_shard_a[sl]):
+                mask = src_shard_a[sl] == si
+                out[mask] = arrays[si][src_row_a[sl][mask]]
+            fname = f"vectors-{len(vector_files):05d}.npy"
+            write_npy(tmp / fname, out)
+            vector_files.append(fname)
+            yield out
+
+    index = ExactIndex(metric=metric).fit(blocks())
+    index.save(tmp / "index.faiss")
+    ids = pa.array(np.arange(len(rows), dtype=np.int64))
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    write_parquet(tmp / "metadata.parquet", table.add_column(0, "id", ids))
+    write_jsonl(tmp / "skipped.jsonl", skipped)
+    os.replace(tmp, index_dir / name)
+
+    manifest = {
+        **manifest,
+        "generation": name,
+        "vector_files": vector_files,
+        "counts": {"indexed": len(rows), "skipped": len(skipped)},
+        "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(index_dir / MANIFEST, manifest)  # the atomic switch to the new generation
+    for old in previous:
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging.dir, ignore_errors=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
+    index_dir = Path(index_dir)
+    path = index_dir / MANIFEST
+    if not path.exists():
+        if (index_dir / STAGING).exists():
+            raise IndexNotFoundError(
+                f"{index_dir} holds an unfinished first run and no index yet; re-run `retrieve index` "
+                "with the same settings to finish it."
+            )
+        raise IndexNotFoundError(f"No index at {index_dir} (no {MANIFEST}). Build one with `retrieve index`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IndexFormatError(f"{path} is not readable JSON: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{path} is not a retrieve index manifest.")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{index_dir} was written by a newer retrieve (format {manifest['format_version']}); upgrade."
+        )
+    gen = index_dir / manifest["generation"]
+    missing = [f for f in ["metadata.parquet", *manifest["vector_files"]] if not (gen / f).exists()]
+    if missing:
+        raise IndexFormatError(f"{index_dir} is damaged: {gen.name} lacks {', '.join(missing)}.")
+    return manifest
+
+
+def generation_dir(index_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    return Path(index_dir) / manifest["generation"]
+
+
+def load_vectors(index_dir: str | os.PathLike, manifest: dict[str, Any], mmap: bool = True) -> np.ndarray:
+    """All vectors in id order (one array; memory-mapped shards are concatenated)."""
+    gen = generation_dir(index_dir, manifest)
+    parts = [np.load(gen / f, mmap_mode="r" if mmap else None) for f in manifest["vector_files"]]
+    if not parts:
+        return np.zeros((0, int(manifest["dim"])), np.float32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
