@@ -319,7 +319,8 @@ def _extractor(model: nn.Module, node: str, spec_name: str) -> nn.Module:
     from torchvision.models.feature_extraction import create_feature_extractor
 
     nodes = feature_nodes(model)
-    if node not in nodes:
+    # A module name like "layer3" is accepted too: it taps the last operation inside that module.
+    if node not in nodes and not any(n.startswith(node + ".") for n in nodes):
         raise UnknownNameError(
             f"Layer {node!r} is not a node of {spec_name}. Valid layers: {', '.join(nodes)}."
         )

@@ -110,7 +110,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), mode="L")
+        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

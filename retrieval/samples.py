@@ -79,7 +79,7 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     )
     grad = c0 * (1 - t) + c1 * t
     grad = np.broadcast_to(grad, (size, size, 3)) + rng.normal(0, 12, (size, size, 3))
-    return Image.fromarray(np.clip(grad, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(grad, 0, 255).astype(np.uint8))
 
 
 def draw_sample(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:

@@ -194,16 +194,23 @@ def commit(
     shard_paths = staging.shards()
     arrays = [np.load(s.with_suffix(".npy"), mmap_mode="r") for s in shard_paths]
     tables = [pq.read_table(s.with_suffix(".parquet")) for s in shard_paths]
-    src_shard, src_row, rows = [], [], []
-    for si, table in enumerate(tables):
+    # A file changed between runs is staged twice: the later shard wins, in vectors and in the ledger.
+    latest: dict[str, tuple[int, int, dict[str, Any]]] = {}
+    for si, (shard, table) in enumerate(zip(shard_paths, tables, strict=True)):
         for ri, row in enumerate(table.to_pylist()):
-            if row["path"] in rank:
-                src_shard.append(si)
-                src_row.append(ri)
-                rows.append(row)
-    skipped = [
-        r for s in shard_paths for r in read_jsonl(s.with_suffix(".skipped.jsonl")) if r["path"] in rank
-    ]
+            latest[row["path"]] = (si, ri, row)
+        for row in read_jsonl(shard.with_suffix(".skipped.jsonl")):
+            latest[row["path"]] = (si, -1, row)
+    src_shard, src_row, rows, skipped = [], [], [], []
+    for path, (si, ri, row) in latest.items():
+        if path not in rank:
+            continue  # deleted since it was staged
+        if ri < 0:
+            skipped.append(row)
+        else:
+            src_shard.append(si)
+            src_row.append(ri)
+            rows.append(row)
     skipped.sort(key=lambda r: rank[r["path"]])
     perm = np.argsort([rank[r["path"]] for r in rows], kind="stable")
     src_shard_a, src_row_a = np.asarray(src_shard, np.int64)[perm], np.asarray(src_row, np.int64)[perm]

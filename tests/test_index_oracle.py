@@ -1,0 +1,87 @@
+"""ExactIndex against numpy brute force on seeded, deliberately awkward data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.errors import RetrieveError
+from retrieval.index import ExactIndex, normalize_rows
+
+
+def brute_force(x: np.ndarray, q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    x64, q64 = x.astype(np.float64), q.astype(np.float64)
+    if metric == "cosine":
+        xn = x64 / np.maximum(np.linalg.norm(x64, axis=1, keepdims=True), 1e-300)
+        qn = q64 / np.maximum(np.linalg.norm(q64, axis=1, keepdims=True), 1e-300)
+        xn[np.linalg.norm(x64, axis=1) == 0] = 0
+        d = 1.0 - qn @ xn.T
+    else:
+        d = np.sqrt(np.maximum(((q64[:, None, :] - x64[None, :, :]) ** 2).sum(-1), 0))
+    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, ids, 1), ids
+
+
+def hard_data(seed: int, n: int = 700, d: int = 67) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Clusters at very different scales, exact duplicates, and a zero vector.
+    centers = rng.normal(0, 1, (7, d)) * rng.choice([0.01, 1, 100], (7, 1))
+    x = (centers[rng.integers(0, 7, n)] + rng.normal(0, 0.05, (n, d))).astype(np.float32)
+    x[10:15] = x[3]
+    x[20] = 0
+    q = np.concatenate([x[:5], rng.normal(0, 1, (20, d)).astype(np.float32) * 10])
+    return x, q
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_search_equals_brute_force(metric: str, seed: int) -> None:
+    x, q = hard_data(seed)
+    k = 9
+    dist, ids = ExactIndex(metric=metric).fit(x).search(q, k)
+    ref_d, ref_i = brute_force(x, q, k, metric)
+    np.testing.assert_allclose(
+        dist, ref_d, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref_d).max())) * 1e-2
+    )
+    # Ids may differ only where distances tie; the distance of each returned id must be right.
+    if metric == "l2":
+        true_d = np.linalg.norm(x[ids].astype(np.float64) - q[:, None, :].astype(np.float64), axis=2)
+    else:
+        xn, qn = normalize_rows(x).astype(np.float64), normalize_rows(q).astype(np.float64)
+        true_d = 1 - np.einsum("qkd,qd->qk", xn[ids], qn)
+    np.testing.assert_allclose(true_d, ref_d, rtol=1e-3, atol=1e-4)
+    # Positions whose distance is clearly apart from both neighbours in the ranking are not ties.
+    tol = 1e-4 * np.maximum(1.0, ref_d)
+    padded = np.pad(ref_d, ((0, 0), (1, 1)), constant_values=np.inf)
+    apart = (np.abs(padded[:, 1:-1] - padded[:, :-2]) > tol) & (np.abs(padded[:, 2:] - padded[:, 1:-1]) > tol)
+    assert apart.sum() > 0.2 * apart.size  # the oracle must compare real rankings
+    np.testing.assert_array_equal(ids[apart], ref_i[apart])
+
+
+def test_blocks_equal_one_array_and_self_distance_zero() -> None:
+    x, _ = hard_data(3)
+    a = ExactIndex().fit(x)
+    b = ExactIndex().fit(iter([x[:100], x[100:333], x[333:]]))
+    q = x[::50]
+    np.testing.assert_array_equal(a.search(q, 5)[1], b.search(q, 5)[1])
+    d, i = a.search(x[100:105], 1)
+    assert np.all(d[:, 0] < 1e-3)
+
+
+def test_k_larger_than_n_and_bad_input() -> None:
+    x = np.eye(3, dtype=np.float32)
+    d, i = ExactIndex().fit(x).search(x[:1], 5)
+    assert list(i[0][:3]) == [0, 1, 2] or sorted(i[0][:3]) == [0, 1, 2]
+    assert list(i[0][3:]) == [-1, -1] and np.isinf(d[0][3:]).all()
+    with pytest.raises(RetrieveError, match="dims"):
+        ExactIndex().fit(x).search(np.ones((1, 4), np.float32), 1)
+    with pytest.raises(RetrieveError, match="metric"):
+        ExactIndex(metric="manhattan").fit(x)
+
+
+def test_save_load_roundtrip(tmp_path) -> None:
+    x, q = hard_data(4)
+    a = ExactIndex(metric="cosine").fit(x)
+    a.save(tmp_path / "i.faiss")
+    b = ExactIndex.load(tmp_path / "i.faiss", metric="cosine")
+    np.testing.assert_array_equal(a.search(q, 4)[1], b.search(q, 4)[1])
