@@ -70,13 +70,6 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
     if not root.is_dir():
         raise EmptyInputError(f"{root} is not a folder.")
 
-    with timer.stage("scan"):
-        entries, problems = scan(root)
-    if not entries and not problems:
-        raise EmptyInputError(
-            f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
-        )
-
     with timer.stage("load model"):
         runtime = resolve_runtime(config.device, config.dtype)
         backbone = load_backbone(config.backbone, config.weights, config.layer)
@@ -92,6 +85,14 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
             )
         model = prepare_model(backbone, runtime)
         transform = Transform(backbone.preprocess)
+
+    # Scanned after the model loads: a bad --backbone/--weights fails before a long scan.
+    with timer.stage("scan"):
+        entries, problems = scan(root)
+    if not entries and not problems:
+        raise EmptyInputError(
+            f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
+        )
 
     manifest: dict[str, Any] = {
         "format": "retrieve-index",

@@ -78,7 +78,7 @@ def test_random_init_is_deterministic_and_hashed() -> None:
 def test_other_layer_is_tapped_and_pooled() -> None:
     b = load_backbone("resnet18", "none", layer="layer3")
     assert b.dim == 256
-    with pytest.raises(UnknownNameError, match="Valid layers: .*layer4"):
+    with pytest.raises(UnknownNameError, match=r"Valid layers: .*layer4"):
         load_backbone("resnet18", "none", layer="layer9")
 
 

@@ -64,7 +64,7 @@ def test_blocks_equal_one_array_and_self_distance_zero() -> None:
     b = ExactIndex().fit(iter([x[:100], x[100:333], x[333:]]))
     q = x[::50]
     np.testing.assert_array_equal(a.search(q, 5)[1], b.search(q, 5)[1])
-    d, i = a.search(x[100:105], 1)
+    d, _ = a.search(x[100:105], 1)
     assert np.all(d[:, 0] < 1e-3)
 
 

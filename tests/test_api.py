@@ -1,0 +1,60 @@
+"""The Python API: indexed files queried from disk find themselves; weights are checked by hash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.index_folder import build_index
+from retrieval import open_index
+from retrieval.config import IndexConfig
+from retrieval.errors import RetrieveError
+
+
+@pytest.mark.parametrize(("backbone", "metric"), [("resnet18", "l2"), ("lenet", "cosine"), ("pixels", "l2")])
+def test_indexed_files_queried_from_disk_find_themselves(
+    tmp_path: Path, samples: Path, backbone: str, metric: str
+) -> None:
+    cfg = IndexConfig(
+        images=samples / "test",
+        index=tmp_path / "i",
+        backbone=backbone,
+        weights="none" if backbone != "pixels" else None,
+        metric=metric,
+        workers=1,
+    )
+    build_index(cfg)
+    idx = open_index(tmp_path / "i")
+    files = [idx.root / p for p in idx.paths[::5]]
+    results = idx.search_paths(files, k=2)
+    for f, hits in zip(files, results, strict=True):
+        assert hits[0].path == f.relative_to(idx.root).as_posix()
+        scale = 1.0 if metric == "cosine" else float(np.linalg.norm(idx.vectors()[hits[0].id]))
+        assert hits[0].distance <= 2e-2 * max(scale, 1.0), (backbone, hits[0].distance)
+    # search by array equals search by id (with self) and by path
+    v = np.asarray(idx.vectors()[[3]])
+    assert [h.id for h in idx.search(v, k=3)[0]] == [
+        h.id for h in idx.search_ids([3], k=3, exclude_self=False)[0]
+    ]
+    assert idx.id_of(idx.root / idx.paths[3]) == 3 and idx.id_of(idx.paths[3]) == 3
+
+
+def test_changed_weights_are_refused(tmp_path: Path, samples: Path) -> None:
+    build_index(IndexConfig(images=samples / "test", index=tmp_path / "i", backbone="lenet", workers=0))
+    manifest_path = tmp_path / "i" / "manifest.json"
+    m = json.loads(manifest_path.read_text())
+    m["weights"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(m))
+    with pytest.raises(RetrieveError, match="differ from those the index was built with"):
+        open_index(tmp_path / "i").search_paths([samples / "test" / "star" / "0000.png"])
+
+
+def test_damaged_index_is_a_clear_error(tmp_path: Path, samples: Path) -> None:
+    build_index(IndexConfig(images=samples / "test", index=tmp_path / "i", backbone="pixels", workers=0))
+    idx = open_index(tmp_path / "i")
+    (idx.dir / "metadata.parquet").unlink()
+    with pytest.raises(RetrieveError, match="damaged"):
+        open_index(tmp_path / "i")
