@@ -1,0 +1,162 @@
+"""Benchmark `retrieve index` extraction: end-to-end vs forward-only vs a naive per-image loop, and memory.
+
+Hardware is printed in the header. Ratios are measured in one run, against baselines run here:
+  forward-only  = the same model on pre-decoded tensors at the same batch size and runtime settings
+  naive loop    = PIL open -> transform -> model(x[None]) one image at a time (same model, same runtime)
+  memory        = peak RSS of a `retrieve index` subprocess for N1 vs N2 images (streamed shards)
+
+    python bench/extract.py [--n 2000] [--backbone resnet18] [--memory 2000,20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.index_folder import build_index
+from retrieval.backbones import load_backbone
+from retrieval.config import IndexConfig
+from retrieval.device import resolve_runtime
+from retrieval.embed import default_batch_size, forward, prepare_model
+from retrieval.images import Transform, load_tensor, open_image, scan
+from retrieval.samples import CLASSES, SampleConfig, make_samples
+
+
+def header() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{time.strftime('%Y-%m-%d')} | {cpu} | {len(os.sched_getaffinity(0))} cores | {gpu} | "
+        f"torch {torch.__version__} | python {platform.python_version()}"
+    )
+
+
+def make_jpegs(root: Path, n: int, size: int = 256) -> Path:
+    per_class = -(-n // len(CLASSES))
+    if not (root / "train").exists() or sum(1 for _ in root.rglob("*.jpg")) < per_class * len(CLASSES):
+        make_samples(root, SampleConfig(per_class=per_class, test_per_class=0, size=size, format="jpg"))
+    return root / "train"
+
+
+def bench_throughput(images: Path, backbone_name: str, batch_size: int | None, naive_n: int) -> None:
+    runtime = resolve_runtime("auto", "auto")
+    backbone = load_backbone(backbone_name, "none")
+    model = prepare_model(backbone, runtime)
+    transform = Transform(backbone.preprocess)
+    bs = batch_size or default_batch_size(runtime)
+    entries, _ = scan(images)
+    print(f"runtime: {runtime.describe()}, batch {bs}, {len(entries)} JPEGs 256x256, {backbone_name}")
+
+    # 1. forward-only on pre-decoded tensors (decode excluded, same batch size)
+    decoded = torch.stack([load_tensor(e.path, transform)[0] for e in entries[: bs * 8]])
+    forward(model, runtime, transform, decoded[:bs])  # warm-up
+    t = time.perf_counter()
+    n = 0
+    while n < len(entries):
+        for s in range(0, len(decoded), bs):
+            forward(model, runtime, transform, decoded[s : s + bs])
+            n += len(decoded[s : s + bs])
+    fwd = n / (time.perf_counter() - t)
+
+    # 2. end-to-end build_index (scan, decode in workers, embed, shards, FAISS, commit)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        report = build_index(
+            IndexConfig(
+                images=images, index=Path(tmp) / "idx", backbone=backbone_name, weights="none", batch_size=bs
+            )
+        )
+        wall = time.perf_counter() - t
+    load = report.stages.get("load model", 0.0)
+    e2e = report.embedded / (wall - load)
+    e2e_all = report.embedded / wall
+
+    # 3. naive loop, as users write it: PIL open -> transform -> model(x[None]), torch defaults (fp32)
+    plain = load_backbone(backbone_name, "none").eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for e in entries[:naive_n]:
+            plain(transform(open_image(e.path))[None])
+    naive = naive_n / (time.perf_counter() - t)
+    # 3b. the same loop with our runtime settings (bf16 autocast, channels_last): batching alone
+    t = time.perf_counter()
+    with torch.inference_mode(), runtime.autocast():
+        for e in entries[:naive_n]:
+            x = transform(open_image(e.path))[None].to(runtime.device)
+            model(x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x)
+    naive_rt = naive_n / (time.perf_counter() - t)
+
+    print(f"forward-only (pre-decoded):  {fwd:8.1f} img/s")
+    print(
+        f"end-to-end index:            {e2e:8.1f} img/s  (incl. model load: {e2e_all:.1f} img/s; stages: "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in report.stages.items())
+        + ")"
+    )
+    print(f"naive per-image loop (fp32): {naive:8.1f} img/s  ({naive_n} images)")
+    print(
+        f"per-image loop, our runtime: {naive_rt:8.1f} img/s  ({naive_n} images; batch 1, bf16/channels_last)"
+    )
+    print(f"RATIO end-to-end / forward-only = {e2e / fwd:.2f}  (target >= 0.85)")
+    print(f"RATIO end-to-end / naive loop   = {e2e / naive:.2f}  (target >= 2)")
+    print(
+        f"RATIO end-to-end / per-image loop with our runtime = {e2e / naive_rt:.2f}  (batching + overlap alone)"
+    )
+
+
+def bench_memory(root: Path, counts: list[int], backbone_name: str) -> None:
+    for n in counts:
+        images = make_jpegs(root / f"mem{n}", n)
+        with tempfile.TemporaryDirectory() as tmp:
+            code = (
+                "import resource,sys;from pipelines.index_folder import build_index;"
+                "from retrieval.config import IndexConfig;"
+                f"r=build_index(IndexConfig(images={str(images)!r},index={tmp + '/idx'!r},backbone={backbone_name!r},weights='none'));"
+                "print(r.indexed, r.embedded/r.seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            )
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            indexed, rate, self_kb = out.stdout.split()
+            children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            print(
+                f"memory: {indexed} images -> peak RSS main process {int(self_kb) / 1024:.0f} MiB "
+                f"(largest child incl. loader workers so far {max(before, children_kb) / 1024:.0f} MiB), {float(rate):.1f} img/s"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--naive", type=int, default=200, help="images for the naive loop")
+    ap.add_argument(
+        "--memory", default="2000,20000", help="image counts for the memory comparison ('' skips)"
+    )
+    ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "retrieve-bench-extract"))
+    args = ap.parse_args()
+    print(header())
+    root = Path(args.data)
+    images = make_jpegs(root / f"n{args.n}", args.n)
+    bench_throughput(images, args.backbone, args.batch_size, args.naive)
+    if args.memory:
+        bench_memory(root, [int(c) for c in args.memory.split(",")], args.backbone)
+
+
+if __name__ == "__main__":
+    main()
