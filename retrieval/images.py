@@ -83,7 +83,8 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
             rel = path.relative_to(root).as_posix()
             try:
                 if child.is_dir(follow_symlinks=True):
-                    subdirs.append(path)
+                    if not _is_index_dir(path):  # an index inside the folder it indexes
+                        subdirs.append(path)
                     continue
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
@@ -98,6 +99,17 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
 
     walk(root)
     return entries, problems
+
+
+def _is_index_dir(path: Path) -> bool:
+    """A `retrieve` index directory (its maps and sheets are outputs, never inputs)."""
+    manifest = path / "manifest.json"
+    if (path / ".staging" / "run.json").exists():
+        return True
+    try:
+        return manifest.is_file() and b'"retrieve-index"' in manifest.read_bytes()[:4096]
+    except OSError:
+        return False
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

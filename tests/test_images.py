@@ -169,3 +169,18 @@ def test_empty_folder_and_all_bad(tmp_path: Path) -> None:
     with pytest.raises(EmptyInputError, match="None of the 1"):
         build_index(IndexConfig(images=tmp_path / "bad", index=tmp_path / "i", backbone="pixels", workers=0))
     assert not (tmp_path / "i" / "manifest.json").exists()
+
+
+def test_an_index_inside_the_folder_is_not_scanned(tmp_path: Path, samples: Path) -> None:
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(samples / "test" / "star", root / "star")
+    cfg = IndexConfig(images=root, index=root / "indexes" / "px", backbone="pixels", workers=0)
+    build_index(cfg)
+    # Outputs written into the index (e.g. a map's PNG) must not be indexed by the next run.
+    _rgb(5).save(root / "indexes" / "px" / "grid.png")
+    report = build_index(cfg)
+    assert report.indexed == 3 and all(
+        p.startswith("star/") for p in open_index(root / "indexes" / "px").paths
+    )
