@@ -1,0 +1,110 @@
+"""What the visualisations read: a classifier with its preprocessing, and images from a file or folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from retrieval.backbones import Preprocess
+from retrieval.errors import BadImageError, EmptyInputError, RetrieveError
+from retrieval.images import IMAGE_EXTENSIONS, ImageFileEntry, Transform, load_tensor, scan
+
+
+@dataclass(frozen=True)
+class VizModel:
+    """A full classifier (eval mode, never modified by the visualisations) and how its inputs are made."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    classes: tuple[str, ...] = ()  # class names when known (checkpoint or ImageNet weights)
+    name: str = "model"  # for titles: "lenet, checkpoint best.pt"
+
+    def class_name(self, index: int) -> str:
+        return self.classes[index] if 0 <= index < len(self.classes) else str(index)
+
+    @property
+    def channels(self) -> int:
+        return self.preprocess.channels
+
+
+def load_model(backbone: str | None = None, weights: str | os.PathLike | None = None) -> VizModel:
+    """A registry backbone's full classifier with `weights` ("imagenet", "none" or a checkpoint path)."""
+    from retrieval.backbones import get_spec, load_backbone
+
+    bb = load_backbone(backbone, weights)
+    if bb.model is None:
+        raise RetrieveError(f"{bb.spec.name} has no network to visualise; choose a convnet backbone.")
+    classes = bb.classes
+    if not classes and bb.weights.kind == "imagenet":
+        import torchvision
+
+        classes = tuple(torchvision.models.get_weight(get_spec(bb.spec.name).weights).meta["categories"])
+    return VizModel(bb.model.eval(), bb.preprocess, tuple(classes), f"{bb.spec.name}, {bb.weights.id}")
+
+
+def list_images(path: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str, str]]]:
+    """One image file, or every image below a folder (sorted); plus (relpath, reason) problems."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        entries, problems = scan(path)
+    elif path.is_file():
+        st = path.stat()
+        entries = [
+            ImageFileEntry(path.absolute(), path.name, path.absolute().parent.name, st.st_size, st.st_mtime)
+        ]
+        problems = []  # an explicitly named file is tried whatever its extension; decoding decides
+    else:
+        raise EmptyInputError(f"{path} does not exist.")
+    if not entries:
+        raise EmptyInputError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {path}.")
+    return entries, problems
+
+
+@dataclass
+class Batch:
+    """Decoded images of one batch: normalised inputs and the uint8 pictures they came from."""
+
+    entries: list[ImageFileEntry]
+    pixels: torch.Tensor  # uint8 [B, C, H, W], resized and cropped
+    inputs: torch.Tensor  # float32 [B, C, H, W], normalised for the network
+    skipped: list[tuple[str, str]]  # (relpath, reason) of files in this stretch that failed to decode
+
+
+def iter_batches(entries: list[ImageFileEntry], transform: Transform, batch_size: int) -> Iterator[Batch]:
+    """Decode `entries` into batches of `batch_size` good images; bad files are reported, not raised."""
+    if batch_size < 1:
+        raise RetrieveError("batch size must be at least 1")
+    good: list[ImageFileEntry] = []
+    pixels: list[torch.Tensor] = []
+    skipped: list[tuple[str, str]] = []
+    for entry in entries:
+        try:
+            tensor, _, _ = load_tensor(entry.path, transform)
+        except BadImageError as exc:
+            skipped.append((entry.relpath, str(exc)))
+            continue
+        good.append(entry)
+        pixels.append(tensor)
+        if len(good) == batch_size:
+            stacked = torch.stack(pixels)
+            yield Batch(good, stacked, transform.normalize(stacked), skipped)
+            good, pixels, skipped = [], [], []
+    if good or skipped:
+        stacked = torch.stack(pixels) if pixels else torch.empty(0, dtype=torch.uint8)
+        inputs = transform.normalize(stacked) if pixels else torch.empty(0)
+        yield Batch(good, stacked, inputs, skipped)
+
+
+def load_image(path: str | os.PathLike, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image as (uint8 [C, H, W], normalised float [C, H, W]); a bad file raises BadImageError."""
+    transform = Transform(preprocess)
+    try:
+        pixels, _, _ = load_tensor(path, transform)
+    except BadImageError as exc:
+        raise BadImageError(f"{path}: {exc}") from None
+    return pixels, transform.normalize(pixels)

@@ -1,0 +1,667 @@
+"""`retrieve viz`: guided backprop against hand-derived gradients, Grad-CAM and receptive fields against slow
+references, gradient ascent on trained nets, flat memory over 200 batches, escaped reports, and the CLI."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from retrieval.backbones import Preprocess
+from retrieval.checkpoint import Checkpoint, save_checkpoint
+from retrieval.cli import app
+from retrieval.device import resolve_runtime
+from retrieval.errors import RetrieveError, UnknownNameError
+from retrieval.images import Transform, load_tensor, scan
+from retrieval.models import LeNet5
+from retrieval.samples import SampleConfig, make_samples
+from retrieval.visualise import (
+    DreamConfig,
+    Probe,
+    Saliency,
+    SaliencyConfig,
+    Target,
+    VizModel,
+    activations,
+    dream,
+    filters,
+    load_model,
+    receptive_boxes,
+    resolve_layer,
+    saliency_folder,
+    top_patches,
+)
+from retrieval.visualise.render import normalise01
+
+CPU = resolve_runtime("cpu", "float32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # These nets are tiny: one thread is as fast, and on a shared 2-core machine two OpenMP threads
+    # that wait for each other were measured 10-20x slower. Restored for the other test modules.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: a shapes data set and LeNets trained on it for a moment, saved as real checkpoints
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 classes x 16 images of 32 px."""
+    root = make_samples(
+        tmp_path_factory.mktemp("shapes"), SampleConfig(per_class=16, test_per_class=0, size=32)
+    )
+    return root / "train"
+
+
+def _train(model: nn.Module, pre: Preprocess, shapes: Path) -> tuple[nn.Module, tuple[str, ...]]:
+    """A few hundred Adam steps on the shapes: enough to give the net real class structure."""
+    torch.manual_seed(pre.channels)
+    entries, _ = scan(shapes)
+    classes = tuple(sorted({e.label for e in entries}))
+    tf = Transform(pre)
+    x = torch.stack([tf.normalize(load_tensor(e.path, tf)[0]) for e in entries])
+    y = torch.tensor([classes.index(e.label) for e in entries])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):  # a fixed number of epochs, not seconds: same net however loaded the machine is
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 16):
+            idx = perm[i : i + 16]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.6, f"the test net did not learn ({accuracy:.2f}); the fixture is broken"
+    return model, classes
+
+
+def _grey_pre(size: int, channels: int) -> Preprocess:
+    return Preprocess(
+        size=size, resize=size, squash=True, mean=(0.5,) * channels, std=(0.5,) * channels, channels=channels
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """LeNet-5 trained on 1- and 3-channel 32 px shapes, saved as `retrieve train` checkpoints."""
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for ch in (1, 3):
+        pre = _grey_pre(32, ch)
+        model, classes = _train(LeNet5(num_classes=8, in_channels=ch), pre, shapes)
+        ckpt = Checkpoint("lenet", model.state_dict(), classes, pre, len(classes), ch)
+        paths[ch] = save_checkpoint(ckpt, out / f"lenet{ch}.pt")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def net28(shapes: Path) -> VizModel:
+    """An MNIST-style 28 px grey convnet (not in the registry): the Python API takes any module."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 8),
+    )
+    pre = _grey_pre(28, 1)
+    model, classes = _train(net, pre, shapes)
+    return VizModel(model, pre, classes, "net28")
+
+
+@pytest.fixture(scope="module")
+def few_images(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """13 images in 4 class folders (13 is no multiple of the batch sizes used)."""
+    root = tmp_path_factory.mktemp("few")
+    for label in ("circle", "square", "star", "ring"):
+        (root / label).mkdir()
+        for src in sorted((shapes / label).iterdir())[: 4 if label != "ring" else 1]:
+            (root / label / src.name).write_bytes(src.read_bytes())
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Guided backprop against a hand-derived oracle
+
+# x (3) -> Linear -> ReLU -> Linear -> ReLU -> Linear -> 2 logits, with weights chosen so that the
+# guided rule matters at both ReLUs: a positive unit with a negative upstream gradient (guided
+# zeroes it, plain backprop keeps it) and a negative unit (both zero it).
+W1 = np.array([[1.0, -1.0, 0.5], [0.5, 1.0, -1.0], [-1.0, 0.5, 1.0], [1.0, 1.0, 1.0]])
+B1 = np.array([0.0, 0.5, -0.5, -2.0])
+W2 = np.array([[1.0, -2.0, 0.5, 1.0], [-1.0, 1.0, 2.0, 0.5], [0.5, 0.5, -1.0, 1.0]])
+B2 = np.array([0.5, 0.0, 0.25])
+W3 = np.array([[2.0, -1.0, 1.0], [-1.0, 1.0, 0.5]])
+X = np.array([1.0, 0.5, 0.25])
+
+
+def _hand_guided_gradient(target: int) -> tuple[np.ndarray, np.ndarray]:
+    """(guided, plain) d logit[target] / dx, derived step by step."""
+    h1 = W1 @ X + B1  # [0.625, 1.25, -1, -0.25]: units 2 and 3 are off
+    a1 = np.maximum(h1, 0)
+    h2 = W2 @ a1 + B2  # [-1.375, 0.625, 1.1875]: unit 0 is off
+    g_a2 = W3[target]  # target 0: [2, -1, 1]
+    g_h2 = g_a2 * (h2 > 0) * (g_a2 > 0)  # guided: [0, 0, 1] (unit 1 has a negative gradient)
+    g_a1 = W2.T @ g_h2  # [0.5, 0.5, -1, 1]
+    g_h1 = g_a1 * (h1 > 0) * (g_a1 > 0)  # [0.5, 0.5, 0, 0]
+    # plain: g_h2 = [0, -1, 1], W2.T @ g_h2 = [1.5, -0.5, -3, 0.5], masked by h1 > 0: [1.5, -0.5, 0, 0]
+    plain_h2 = g_a2 * (h2 > 0)
+    plain_h1 = (W2.T @ plain_h2) * (h1 > 0)
+    return W1.T @ g_h1, W1.T @ plain_h1
+
+
+class _Functional(nn.Module):
+    """The same network with functional, in-place ReLUs (as torchvision's GoogLeNet writes them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(3, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+def _hand_net(functional: bool) -> nn.Module:
+    if functional:
+        net = _Functional()
+        fc1, fc2, fc3 = net.fc1, net.fc2, net.fc3
+    else:
+        fc1, fc2, fc3 = nn.Linear(3, 4), nn.Linear(4, 3), nn.Linear(3, 2, bias=False)
+        net = nn.Sequential(nn.Flatten(1), fc1, nn.ReLU(inplace=True), fc2, nn.ReLU(inplace=True), fc3)
+    with torch.no_grad():
+        fc1.weight.copy_(torch.tensor(W1))
+        fc1.bias.copy_(torch.tensor(B1))
+        fc2.weight.copy_(torch.tensor(W2))
+        fc2.bias.copy_(torch.tensor(B2))
+        fc3.weight.copy_(torch.tensor(W3))
+    return net.eval()
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["nn.ReLU-inplace", "F.relu-inplace"])
+def test_guided_backprop_matches_hand_derived_gradients(functional: bool) -> None:
+    net = _hand_net(functional)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.tensor(X, dtype=torch.float32).view(1, 3, 1, 1)
+    guided_expected, plain_expected = _hand_guided_gradient(0)
+    # Worked by hand from the comments above: W1.T @ [0.5, 0.5, 0, 0] and W1.T @ [1.5, -0.5, 0, 0].
+    np.testing.assert_allclose(guided_expected, [0.75, 0.0, -0.25])
+    np.testing.assert_allclose(plain_expected, [1.25, -2.0, 1.25])
+
+    guided = Saliency(net, "guided", Target.of_class(0), runtime=CPU)(x)
+    plain = Saliency(net, "vanilla", Target.of_class(0), runtime=CPU)(x)
+    np.testing.assert_allclose(guided.gradients.flatten().numpy(), guided_expected, atol=1e-6)
+    np.testing.assert_allclose(plain.gradients.flatten().numpy(), plain_expected, atol=1e-6)
+    # The other logit exercises the other branch of the rule.
+    guided1 = Saliency(net, "guided", Target.of_class(1), runtime=CPU)(x)
+    np.testing.assert_allclose(guided1.gradients.flatten().numpy(), _hand_guided_gradient(1)[0], atol=1e-6)
+    # The caller's model is never touched: same modules, flags, weights and requires_grad.
+    if not functional:
+        assert [type(m) for m in net] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+        assert net[2].inplace and net[4].inplace
+    assert all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_vanilla_and_batched_saliency_equal_plain_autograd_per_image(checkpoints: dict[int, Path]) -> None:
+    vm = load_model(weights=checkpoints[3])
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batched = Saliency(vm.model, "vanilla", runtime=CPU)(x)
+    guided_engine = Saliency(vm.model, "guided", runtime=CPU)
+    guided_batched = guided_engine(x)
+    for i in range(len(x)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        logits = vm.model(xi)
+        cls = int(logits.argmax())
+        (g,) = torch.autograd.grad(logits[0, cls], xi)
+        assert int(batched.chosen[i]) == cls
+        torch.testing.assert_close(batched.gradients[i], g[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(guided_batched.gradients[i], guided_engine(x[i : i + 1]).gradients[0])
+
+
+def _slow_gradcam(model: nn.Module, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Grad-CAM the obvious way: one image at a time, a forward hook on the original model."""
+    maps = []
+    store: dict[str, torch.Tensor] = {}
+    for i in range(len(x)):
+        handle = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+        try:
+            logits = model(x[i : i + 1])
+        finally:
+            handle.remove()
+        (grad,) = torch.autograd.grad(logits[0, logits.argmax()], store["a"])
+        cam = F.relu((grad.mean((2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        maps.append(cam / cam.max())
+    return torch.stack(maps).detach()
+
+
+def test_gradcam_equals_slow_reference_and_default_layer(checkpoints: dict[int, Path]) -> None:
+    vm = load_model(weights=checkpoints[1])
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    engine = Saliency(vm.model, "gradcam", runtime=CPU)
+    maps = engine(x)
+    assert engine.cam_layer == "features.5"  # the last map bigger than 1x1 (pool2, 5x5)
+    torch.testing.assert_close(
+        maps.cam, _slow_gradcam(vm.model, x, vm.model.features[5]), atol=1e-5, rtol=1e-4
+    )
+    guided_cam = Saliency(vm.model, "guided-gradcam", cam_layer="conv2", runtime=CPU)(x)
+    guided = Saliency(vm.model, "guided", runtime=CPU)(x)
+    torch.testing.assert_close(guided_cam.gradients, guided.gradients * guided_cam.cam[:, None])
+
+
+def test_unit_target_is_one_hot_at_the_strongest_neuron(checkpoints: dict[int, Path]) -> None:
+    vm = load_model(weights=checkpoints[3])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    maps = Saliency(vm.model, "vanilla", Target.unit("conv2", 4), runtime=CPU)(x)
+    store: dict[str, torch.Tensor] = {}
+    for i in range(len(x)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        handle = vm.model.features[3].register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+        try:
+            vm.model(xi)
+        finally:
+            handle.remove()
+        unit = store["a"][0, 4]
+        (g,) = torch.autograd.grad(unit.max(), xi)
+        assert float(maps.scores[i]) == pytest.approx(float(unit.max().detach()), rel=1e-5)
+        torch.testing.assert_close(maps.gradients[i], g[0], atol=1e-5, rtol=1e-4)
+    fixed = Saliency(vm.model, "vanilla", Target.unit("conv2", 4, neuron=(2, 3)), runtime=CPU)(x)
+    assert fixed.gradients[:, :, :4, :].abs().sum() == 0  # the unit at row 2 sees input rows 4..17 only
+    assert fixed.gradients[:, :, 4:18, 6:20].abs().sum() > 0
+
+
+def test_torchvision_inplace_relus_and_model_untouched() -> None:
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maps = Saliency(model, "guided-gradcam", runtime=CPU)(torch.randn(2, 3, 64, 64))
+    assert maps.gradients.shape == (2, 3, 64, 64) and torch.isfinite(maps.gradients).all()
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient ascent
+
+
+@pytest.mark.parametrize(
+    ("net", "param"),
+    [("lenet1", "pixel"), ("lenet3", "pixel"), ("lenet3", "fft"), ("net28", "pixel"), ("net28", "fft")],
+)
+def test_dream_raises_class_score_tenfold(
+    checkpoints: dict[int, Path], net28: VizModel, net: str, param: str
+) -> None:
+    vm = net28 if net == "net28" else load_model(weights=checkpoints[int(net[-1])])
+    c, size = vm.channels, vm.preprocess.size
+    with torch.no_grad():
+        logits = vm.model(torch.zeros(1, c, size, size))  # the zeros init is the mean image
+    # The hardest class: the one the starting image already scores highest on.
+    cls = int(logits.argmax())
+    assert float(logits[0, cls]) > 0
+    result = dream(vm, Target.of_class(cls), DreamConfig(steps=120, init="zeros", param=param))
+    if param == "pixel":
+        assert result.start_score == pytest.approx(float(logits[0, cls]), abs=1e-5)
+    assert result.final_score >= 10 * result.start_score, (result.start_score, result.final_score)
+    assert result.image.shape == (size, size, c) and result.image.dtype == np.uint8
+    # The returned picture is what scored: re-normalise it and score it again (8-bit rounding aside).
+    x = (torch.from_numpy(result.image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        assert float(vm.model(x[None])[0, cls]) == pytest.approx(result.final_score, rel=0.05)
+
+
+def test_dream_on_a_unit(checkpoints: dict[int, Path], net28: VizModel) -> None:
+    vm = load_model(weights=checkpoints[3])
+    with torch.no_grad():
+        conv3 = vm.model.features[:7](torch.zeros(1, 3, 32, 32))[0, :, 0, 0]  # 120 units of a 1x1 map
+    channel = int(conv3.argmax())  # the hardest: the unit the mean image already excites most
+    assert float(conv3[channel]) > 0
+    result = dream(vm, Target.unit("conv3", channel), DreamConfig(steps=80, init="zeros"))
+    assert result.start_score == pytest.approx(float(conv3[channel]), abs=1e-5)
+    assert result.final_score >= 10 * result.start_score, (result.start_score, result.final_score)
+    grey = dream(net28, Target.unit("conv2", 3, neuron=(4, 4)), DreamConfig(steps=80, param="fft"))
+    assert grey.image.shape == (28, 28, 1) and grey.final_score > grey.start_score + 1.0
+    with pytest.raises(RetrieveError, match="class"):
+        dream(vm, Target.predicted())
+
+
+def test_dream_runs_on_vgg() -> None:
+    vgg = load_model("vgg11", "none")
+    result = dream(vgg, Target.unit("features.3", 7), DreamConfig(steps=4, size=64))
+    assert result.image.shape == (64, 64, 3)
+    assert result.final_score > result.start_score
+
+
+# --------------------------------------------------------------------------------------------
+# Filters and activations
+
+
+def test_filter_grid_shape_and_tiles(checkpoints: dict[int, Path]) -> None:
+    model = load_model(weights=checkpoints[3]).model
+    grid = filters(model, scale=4, pad=1)  # conv1: 6 filters of 3x5x5 -> 2 rows x 3 columns of 20 px
+    assert (grid.layer, grid.mode, grid.count, grid.shape) == ("features.0", "rgb", 6, (3, 5, 5))
+    assert grid.image.shape == (2 * 20 + 3, 3 * 20 + 4, 3)
+    w = model.features[0].weight.detach().numpy()
+    expected = normalise01(w[4]).transpose(1, 2, 0).repeat(4, 0).repeat(4, 1)  # row 1, column 1
+    tile = grid.image[1 + 20 + 1 : 1 + 20 + 1 + 20, 1 + 20 + 1 : 1 + 20 + 1 + 20]
+    np.testing.assert_allclose(tile / 255.0, expected, atol=1 / 255)
+
+    grey = filters(load_model(weights=checkpoints[1]).model, scale=4)
+    assert (grey.mode, grey.image.shape) == ("grey", (43, 64, 1))
+    mean = filters(model, "conv2", scale=2)  # 16 filters of 6x5x5, mean over inputs -> 4x4 of 10 px
+    assert (mean.layer, mean.mode, mean.image.shape) == ("features.3", "mean", (4 * 10 + 5, 4 * 10 + 5, 1))
+    per_channel = filters(model, "features.3", mode="channels", scale=2)  # 16 rows x 6 input channels
+    assert (per_channel.rows, per_channel.cols) == (16, 6)
+    assert per_channel.image.shape == (16 * 10 + 17, 6 * 10 + 7, 1)
+    with pytest.raises(UnknownNameError, match=r"conv1 \(= features\.0\), conv2 \(= features\.3\)"):
+        filters(model, "classifier.0")
+
+
+def test_activations_grid(checkpoints: dict[int, Path], shapes: Path) -> None:
+    vm = load_model(weights=checkpoints[3])
+    image = sorted((shapes / "star").iterdir())[0]
+    grid = activations(vm, image, "conv1", device="cpu")
+    assert grid.node == "features.0" and grid.maps.shape == (6, 28, 28)
+    tf = Transform(vm.preprocess)
+    x = tf.normalize(load_tensor(image, tf)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(grid.maps, vm.model.features[0](x[None])[0])
+    assert grid.image.shape == (2 * 28 * 2 + 3, 3 * 28 * 2 + 4, 1)  # 6 maps -> 2x3, enlarged twice
+    fc = activations(vm, image, "classifier.1", device="cpu")  # a fully connected layer: 84 1x1 tiles
+    assert fc.maps.shape == (84, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer names
+
+
+def test_layer_names_resolve_and_errors_list_valid_names() -> None:
+    import torchvision
+
+    lenet = LeNet5(8, 1)
+    assert resolve_layer(lenet, "conv2") == "features.3"
+    assert resolve_layer(lenet, "features.3") == "features.3"
+    assert resolve_layer(lenet, "features") == "features.7"  # a container taps its last node
+    with pytest.raises(UnknownNameError) as err:
+        resolve_layer(lenet, "conv9")
+    message = str(err.value)
+    for name in ("conv1 (= features.0)", "conv3 (= features.6)", "features.4", "classifier.1", "flatten"):
+        assert name in message
+    resnet = torchvision.models.resnet18()
+    assert resolve_layer(resnet, "layer4") == "layer4.1.relu_1"
+    assert resolve_layer(resnet, "conv1") == "conv1"  # a real module name wins over the alias
+    with pytest.raises(UnknownNameError, match=r"layer4\.1\.relu_1.*layer4"):
+        resolve_layer(resnet, "layer5")
+    with pytest.raises(UnknownNameError, match=r"features\.0"):
+        Probe(lenet, ["nope"])
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+_MEMORY_PROBE = """
+import gc, json, os, sys, tracemalloc
+import torch
+from retrieval.device import resolve_runtime
+from retrieval.visualise import Saliency, load_model
+
+torch.set_num_threads(1)
+engine = Saliency(load_model(weights=sys.argv[1]).model, "guided-gradcam", runtime=resolve_runtime("cpu", "float32"))
+x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(keep):
+    for _ in range(20):  # warm-up: allocator pools and caches reach their steady size
+        engine(x)
+    gc.collect()
+    tracemalloc.start()
+    rss0, py0 = rss(), tracemalloc.get_traced_memory()[0]
+    for _ in range(200):
+        maps = engine(x)
+        if keep is not None:
+            keep.append(maps.gradients)  # 16 x 3 x 32 x 32 floats = 196 KB a batch, 39 MB in all
+    gc.collect()
+    rss1, py1 = rss(), tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return rss1 - rss0, py1 - py0
+
+
+flat = measure(None)
+kept = []
+leak = measure(kept)
+print(json.dumps({"rss": flat[0], "py": flat[1], "leak_rss": leak[0]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_saliency_memory_flat_over_200_batches(checkpoints: dict[int, Path]) -> None:
+    # A fresh interpreter: in this one, memory that earlier tests freed is reused without RSS growth,
+    # which would hide a leak as well as a flat line.
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(checkpoints[3])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert m["rss"] < 8 * 2**20, f"RSS grew {m['rss'] / 2**20:.1f} MiB over 200 batches"
+    assert m["py"] < 256 * 2**10, f"Python heap grew {m['py'] / 2**10:.0f} KiB over 200 batches"
+    # The measurement can see a leak: keeping each batch's gradients shows up.
+    assert m["leak_rss"] > 20 * 2**20, f"a 39 MB leak showed only {m['leak_rss'] / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------------------------
+# Folders, reports, top patches
+
+
+@pytest.mark.parametrize(("channels", "method"), [(1, "guided"), (3, "gradcam"), (3, "guided-gradcam")])
+def test_saliency_folder_1_and_3_channels(
+    checkpoints: dict[int, Path], few_images: Path, tmp_path: Path, channels: int, method: str
+) -> None:
+    vm = load_model(weights=checkpoints[channels])
+    seen: list[tuple[int, int]] = []
+    run = saliency_folder(
+        vm,
+        few_images,
+        tmp_path / "sal",
+        SaliencyConfig(method=method, batch_size=5),
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert run.images == 13 and not run.skipped
+    assert seen[-1] == (13, 13) and len(seen) == 3
+    pngs = sorted(p.relative_to(tmp_path / "sal").as_posix() for p in (tmp_path / "sal").rglob("*.png"))
+    assert pngs == sorted(e.relpath + ".png" for e in scan(few_images)[0])
+    panel = np.asarray(Image.open(tmp_path / "sal" / pngs[0]))
+    assert panel.shape == (128 + 4, 3 * 128 + 8, 3)  # 3 tiles of 32 px enlarged 4x, 2 px padding
+    page = run.report.read_text()
+    assert page.count("<tr>") == 1 + 13
+    # The report names each image's predicted class: the model's own argmax.
+    tf = Transform(vm.preprocess)
+    entry = scan(few_images)[0][0]
+    with torch.no_grad():
+        predicted = vm.classes[int(vm.model(tf.normalize(load_tensor(entry.path, tf)[0])[None]).argmax())]
+    assert re.search(rf"<td>{re.escape(entry.relpath)}</td><td>[^<]*</td><td>{predicted}</td>", page)
+
+
+def test_report_escapes_hostile_names_and_is_self_contained(
+    checkpoints: dict[int, Path], tmp_path: Path
+) -> None:
+    hostile = "<img src=x onerror=alert(1)>.png"
+    label = "<svg onload=alert(2)>"
+    folder = tmp_path / "in" / label
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(folder / hostile)
+    (folder / "bad\"'&<b>.png").write_bytes(b"not a png <b>")
+    vm = load_model(weights=checkpoints[3])
+    run = saliency_folder(vm, tmp_path / "in", tmp_path / "out", SaliencyConfig(method="vanilla"))
+    page = run.report.read_text()
+    assert run.images == 1 and len(run.skipped) == 1
+    # Only the report's own tags, and every image is an embedded thumbnail with no other attribute.
+    ours = {
+        "html",
+        "head",
+        "meta",
+        "title",
+        "style",
+        "body",
+        "h1",
+        "h2",
+        "p",
+        "br",
+        "b",
+        "table",
+        "tr",
+        "th",
+        "td",
+    }
+    ours |= {"img", "a", "ul", "li", "code"}
+    assert {t.lower() for t in re.findall(r"<\s*/?\s*([a-zA-Z][\w-]*)", page)} <= ours
+    images = re.findall(r"<img[^>]*>", page)
+    assert len(images) == 2
+    for tag in images:
+        assert re.fullmatch(r"<img src='data:image/png;base64,[A-Za-z0-9+/=]+' alt=''>", tag), tag[:80]
+    for text in (hostile, label, "bad\"'&<b>.png"):
+        assert html.escape(text) in page
+    assert "%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E.png" in page  # the link is URL-quoted too
+    assert (tmp_path / "out" / label / (hostile + ".png")).is_file()
+
+
+def test_top_patches_rank_and_receptive_fields(checkpoints: dict[int, Path], few_images: Path) -> None:
+    vm = load_model(weights=checkpoints[3])
+    result = top_patches(vm, few_images, "conv2", channel=5, n=4, batch_size=3, device="cpu")
+    # Brute force: every image's strongest response of the channel, ranked.
+    tf = Transform(vm.preprocess)
+    scores = []
+    for entry in scan(few_images)[0]:
+        with torch.no_grad():
+            a = vm.model.features[:4](tf.normalize(load_tensor(entry.path, tf)[0])[None])[0, 5]
+        scores.append((float(a.max()), entry.relpath))
+    scores.sort(key=lambda s: -s[0])
+    assert [p.relpath for p in result.patches] == [rel for _, rel in scores[:4]]
+    assert [p.score for p in result.patches] == pytest.approx([s for s, _ in scores[:4]], rel=1e-5)
+    for p in result.patches:
+        y, x = p.position  # conv 5 -> pool 2 -> conv 5: 14 px fields on a stride of 2
+        assert p.box == (2 * y, 2 * x, 2 * y + 14, 2 * x + 14)
+        assert p.image.shape == (14, 14, 3)
+    assert result.images == 13
+
+
+def test_receptive_fields_of_a_resnet_are_measured_exactly() -> None:
+    import torchvision
+
+    model = torchvision.models.resnet18().eval()
+    # conv 7/2 -> maxpool 3/2 -> four 3x3 convs: 43 px on a stride of 4, centred at 4j; clipped at 0.
+    boxes = receptive_boxes(model, "layer1", 0, (3, 224, 224), [(20, 20), (10, 30), (0, 0)])
+    assert boxes == [(59, 59, 102, 102), (19, 99, 62, 142), (0, 0, 22, 22)]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_commands(checkpoints: dict[int, Path], few_images: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    ckpt = str(checkpoints[3])
+    r = runner.invoke(app, ["viz", "filters", "-w", ckpt, "--layer", "conv2", "-o", str(tmp_path / "f.png")])
+    assert r.exit_code == 0, r.output
+    assert "features.3: 16 filters of 6x5x5 (mean), grid 4x4" in r.output
+    assert (
+        Image.open(tmp_path / "f.png").size
+        == filters(load_model(weights=ckpt).model, "conv2").image.shape[1::-1]
+    )
+
+    r = runner.invoke(
+        app,
+        [
+            "viz",
+            "saliency",
+            str(few_images),
+            "-w",
+            ckpt,
+            "-m",
+            "gradcam",
+            "-t",
+            "star",
+            "-o",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    star = load_model(weights=ckpt).classes.index("star")
+    assert f"13 images (gradcam, class {star} (star), Grad-CAM layer features.5)" in r.output
+    assert (tmp_path / "s" / "report.html").is_file()
+
+    r = runner.invoke(
+        app, ["viz", "dream", "-w", ckpt, "--class", "circle", "--steps", "20", "-o", str(tmp_path / "d.png")]
+    )
+    assert r.exit_code == 0, r.output
+    start, final = (float(v) for v in re.search(r"class \d+ \(circle\): (\S+) -> (\S+)", r.output).groups())
+    assert final > start and Image.open(tmp_path / "d.png").size == (32, 32)
+
+    image = str(next((few_images / "star").iterdir()))
+    r = runner.invoke(
+        app, ["viz", "activations", image, "-w", ckpt, "-l", "conv3", "-o", str(tmp_path / "a.png")]
+    )
+    assert r.exit_code == 0, r.output
+    assert "conv3 (features.6): 120 maps of 1x1" in r.output
+
+    out = str(tmp_path / "p.png")
+    r = runner.invoke(
+        app,
+        ["viz", "top-patches", str(few_images), "-w", ckpt, "-l", "conv2", "-c", "5", "--n", "3", "-o", out],
+    )
+    assert r.exit_code == 0, r.output
+    assert "top 3 of 13 images" in r.output and Path(out).is_file()
+
+    r = runner.invoke(app, ["viz", "activations", image, "-w", ckpt, "-l", "layer4"])
+    assert (
+        r.exit_code == 2 and "Valid layers: conv1 (= features.0)" in r.output and "Traceback" not in r.output
+    )
+    r = runner.invoke(app, ["viz", "saliency", image, "-w", ckpt, "-m", "smoothgrad"])
+    assert r.exit_code == 2 and "vanilla, guided, gradcam, guided-gradcam" in r.output
+    r = runner.invoke(app, ["viz", "dream", "-w", ckpt, "--class", "hexagon"])
+    assert r.exit_code == 2 and "Known classes: arrow, circle" in r.output
+    r = runner.invoke(app, ["viz", "saliency", image, "-w", ckpt, "--layer", "conv2"])
+    assert r.exit_code == 2 and "--layer and --channel" in r.output
+
+
+def test_cli_subprocess(checkpoints: dict[int, Path], tmp_path: Path) -> None:
+    out = tmp_path / "filters.png"
+    cmd = [sys.executable, "-c", "from retrieval.cli import main; main()", "viz", "filters"]
+    proc = subprocess.run(
+        [*cmd, "-w", str(checkpoints[1]), "-o", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "features.0: 6 filters of 1x5x5 (grey)" in proc.stdout and out.is_file()
