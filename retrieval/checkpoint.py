@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from retrieval.atomic import atomic_write
 from retrieval.backbones import Preprocess
 from retrieval.errors import CheckpointError
 
@@ -46,16 +46,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
         "in_channels": ckpt.in_channels,
         "extra": ckpt.extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(payload, fh))
     return path
 
 

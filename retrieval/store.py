@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retrieval.atomic import atomic_write
 from retrieval.errors import EmptyInputError, IndexFormatError, IndexNotFoundError
 
 FORMAT = "retrieve-index"
@@ -53,35 +53,20 @@ METADATA_SCHEMA = pa.schema(
 # Atomic file writes
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(fileobj)` to a temporary file beside `path`, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
-    _atomic_write(path, lambda fh: pq.write_table(table, fh))
+    atomic_write(path, lambda fh: pq.write_table(table, fh))
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    _atomic_write(path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    atomic_write(path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
