@@ -136,8 +136,10 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
     workers = default_workers(runtime) if config.workers is None else config.workers
     embedded = 0
     if todo:
-        torch.set_grad_enabled(False)
         progress.start(len(entries), reused, f"embedding with {backbone.spec.name}")
+        # Scoped, never global: a library call must not leave autograd off for its caller.
+        grad_was_enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
         try:
             for batch in timer.timed("read", iter_batches(todo, transform, runtime, batch_size, workers)):
                 with timer.stage("map"):
@@ -150,6 +152,7 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
             # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.
             staging.flush()
             progress.stop()
+            torch.set_grad_enabled(grad_was_enabled)
 
     with timer.stage("commit"):
         manifest = commit(

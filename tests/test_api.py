@@ -12,6 +12,7 @@ from pipelines.index_folder import build_index
 from retrieval import open_index
 from retrieval.config import IndexConfig
 from retrieval.errors import RetrieveError
+from retrieval.samples import SampleConfig, make_samples
 
 
 @pytest.mark.parametrize(("backbone", "metric"), [("resnet18", "l2"), ("lenet", "cosine"), ("pixels", "l2")])
@@ -58,3 +59,13 @@ def test_damaged_index_is_a_clear_error(tmp_path: Path, samples: Path) -> None:
     (idx.dir / "metadata.parquet").unlink()
     with pytest.raises(RetrieveError, match="damaged"):
         open_index(tmp_path / "i")
+
+
+def test_indexing_leaves_autograd_as_it_found_it(tmp_path: Path) -> None:
+    """A library call must not switch gradients off for the caller (training after indexing)."""
+    import torch
+
+    make_samples(tmp_path / "s", SampleConfig(per_class=2, test_per_class=0, size=32))
+    assert torch.is_grad_enabled()
+    build_index(IndexConfig(images=tmp_path / "s", index=tmp_path / "idx", backbone="pixels"))
+    assert torch.is_grad_enabled()
