@@ -15,10 +15,10 @@ from torch import nn
 
 from retrieval.device import Runtime, resolve_runtime
 from retrieval.errors import RetrieveError, UnknownNameError
-from retrieval.images import Transform
+from retrieval.images import ImageFileEntry, Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, Target, frozen_copy, target_scores
-from retrieval.visualise.source import Batch, VizModel, iter_batches, list_images
+from retrieval.visualise.source import VizModel, iter_batches, list_images
 
 METHODS = ("vanilla", "guided", "gradcam", "guided-gradcam")
 
@@ -271,7 +271,7 @@ def saliency_folder(
             if batch.entries:
                 maps = engine(batch.inputs)
                 for i, entry in enumerate(batch.entries):
-                    _write_one(vm, config, report, out, entry.relpath, entry.label, batch, maps, i)
+                    _write_one(vm, config, report, out, entry, batch.pixels[i], maps, i)
                 done += len(batch.entries)
             if progress is not None:
                 progress(done + len(skipped), len(entries))
@@ -290,16 +290,23 @@ def saliency_folder(
     )
 
 
-def panel(image: np.ndarray, maps: SaliencyMaps, i: int) -> np.ndarray:
-    """input | heat overlay | gradient image (or the bare heat map for Grad-CAM), enlarged for tiny inputs."""
+def panel(image: np.ndarray, maps: SaliencyMaps, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input | heat overlay | gradient image or bare heat map, the overlay alone), in [0, 1].
+
+    The panel is enlarged for tiny inputs (28-32 px LeNets) so it stays legible.
+    """
     heat = maps.heat[i].numpy()
     third = (
         render.as_rgb(render.heatmap(heat))
         if maps.gradients is None
         else render.as_rgb(render.gradient_image(maps.gradients[i]))
     )
-    tiles = np.stack([render.as_rgb(image), render.overlay(image, heat), third])
-    return render.tile_grid(tiles, cols=3, scale=render.display_scale(image.shape[0]), pad=2, background=1.0)
+    over = render.overlay(image, heat)
+    tiles = np.stack([render.as_rgb(image), over, third])
+    picture = render.tile_grid(
+        tiles, cols=3, scale=render.display_scale(image.shape[0]), pad=2, background=1.0
+    )
+    return picture, over
 
 
 def _write_one(
@@ -307,20 +314,16 @@ def _write_one(
     config: SaliencyConfig,
     report: render.HtmlReport,
     out: Path,
-    relpath: str,
-    label: str,
-    batch: Batch,
+    entry: ImageFileEntry,
+    pixels: torch.Tensor,
     maps: SaliencyMaps,
     i: int,
 ) -> None:
-    image = batch.pixels[i].permute(1, 2, 0).numpy().astype(np.float32) / 255.0
-    picture = panel(image, maps, i)
-    name = relpath + ".png"
+    image = pixels.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
+    picture, over = panel(image, maps, i)
+    name = entry.relpath + ".png"
     render.save_png(picture, out / name)
     chosen = int(maps.chosen[i])
     what = vm.class_name(chosen) if config.target.kind != "unit" else f"{config.target.layer}:{chosen}"
-    thumb = render.to_uint8(render.overlay(image, maps.heat[i].numpy()))
-    report.add_row(
-        [relpath, label, what, f"{float(maps.scores[i]):.3f}", render.to_uint8(render.as_rgb(image)), thumb],
-        link=name,
-    )
+    cells = [entry.relpath, entry.label, what, f"{float(maps.scores[i]):.3f}"]
+    report.add_row([*cells, render.to_uint8(render.as_rgb(image)), render.to_uint8(over)], link=name)
