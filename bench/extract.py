@@ -11,8 +11,6 @@ Hardware is printed in the header. Ratios are measured in one run, against basel
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,26 +23,14 @@ import torch
 from pipelines.index_folder import build_index
 from retrieval.backbones import load_backbone
 from retrieval.config import IndexConfig
-from retrieval.device import resolve_runtime
+from retrieval.device import machine_summary, resolve_runtime
 from retrieval.embed import default_batch_size, forward, prepare_model
 from retrieval.images import Transform, load_tensor, open_image, scan
 from retrieval.samples import CLASSES, SampleConfig, make_samples
 
 
 def header() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{time.strftime('%Y-%m-%d')} | {cpu} | {len(os.sched_getaffinity(0))} cores | {gpu} | "
-        f"torch {torch.__version__} | python {platform.python_version()}"
-    )
+    return "" + machine_summary()
 
 
 def make_jpegs(root: Path, n: int, size: int = 256) -> Path:

@@ -93,3 +93,25 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def machine_summary() -> str:
+    """One line naming date, CPU, cores, GPU and versions: the header every benchmark prints."""
+    import os
+    import platform
+    import time
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{time.strftime('%Y-%m-%d')} | {cpu} | {len(os.sched_getaffinity(0))} cores, "
+        f"{torch.get_num_threads()} torch threads | {gpu} | torch {torch.__version__} | "
+        f"python {platform.python_version()}"
+    )
