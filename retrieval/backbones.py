@@ -189,6 +189,40 @@ register(
     )
 )
 
+
+def _small_resnet(
+    block: str, layers: tuple[int, ...], widths: tuple[int, ...]
+) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+        from retrieval.models import SmallResNet
+
+        return SmallResNet(block, layers, widths, num_classes=num_classes, in_channels=in_channels)
+
+    return build
+
+
+# Small-image ResNets (3x3 stride-1 stem, no max-pool) for 28-64 px inputs; trained with
+# `retrieve train`, they have no ImageNet weights. resnet8_small is the fast CPU choice.
+_SMALL_32 = Preprocess(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+for _name, _block, _layers, _widths, _dim, _what in [
+    ("resnet8_small", "basic", (1, 1, 1), (32, 64, 128), 128, "ResNet-8, 3 stages of 32/64/128 channels"),
+    ("resnet18_small", "basic", (2, 2, 2, 2), (64, 128, 256, 512), 512, "ResNet-18"),
+    ("resnet34_small", "basic", (3, 4, 6, 3), (64, 128, 256, 512), 512, "ResNet-34"),
+    ("resnet50_small", "bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 2048, "ResNet-50"),
+]:
+    register(
+        BackboneSpec(
+            name=_name,
+            builder=_small_resnet(_block, _layers, _widths),
+            node="flatten",
+            dim=_dim,
+            preprocess=_SMALL_32,
+            default_weights="none",
+            num_classes=10,
+            description=f"{_what} for small images (3x3 stem, no max-pool), global average pool",
+        )
+    )
+
 DEFAULT_BACKBONE = "resnet50"
 
 

@@ -1,0 +1,227 @@
+"""`retrieve train`: options -> TrainConfig -> `retrieval.train.train`, rendered with rich."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from retrieval.cli._app import command, console, err_console
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from retrieval.train import EpochStats, TrainReporter
+
+_DATA = "Data"
+_OPT = "Optimisation"
+_RUN = "Runtime"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _epoch_line(s: EpochStats) -> str:
+    val = "" if s.val_acc is None else f"  val {s.val_acc:6.1%} (loss {s.val_loss:.3f})"
+    best = "  [green]best[/]" if s.best and s.val_acc is not None else ""
+    return (
+        f"epoch {s.epoch:>3d}/{s.epochs}  loss {s.train_loss:.3f}  train {s.train_acc:6.1%}{val}  "
+        f"{s.images_per_s:,.0f} img/s  lr {s.lr:.2e}  {_duration(s.epoch_seconds)}/epoch  "
+        f"ETA {_duration(s.eta_seconds)}{best}"
+    )
+
+
+@command("train")
+def train_cli(
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Labelled folder: DATA/<class>/*.jpg, or DATA/train/<class> + DATA/val/<class> "
+            "(or test/). Omit with --resume.",
+            show_default=False,
+        ),
+    ] = None,
+    arch: Annotated[
+        str, typer.Option("--arch", "-a", help="Architecture (registry name), e.g. resnet18, vgg16, lenet.")
+    ] = "resnet18",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run directory. (default: runs/ARCH)", show_default=False),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Length of the schedule.")] = 30,
+    pretrained: Annotated[
+        str | None, typer.Option(help="'imagenet' fine-tunes from torchvision weights.", show_default=False)
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Training side in px. (default: the architecture's)", show_default=False),
+    ] = None,
+    channels: Annotated[
+        int | None,
+        typer.Option(help="1 or 3. (default: 1 if every image is greyscale)", show_default=False),
+    ] = None,
+    val_fraction: Annotated[
+        float,
+        typer.Option(help="Held-out share of each class when there is no val/ split.", rich_help_panel=_DATA),
+    ] = 0.1,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="crop (pad + random crop), rrc (random resized crop), none; auto = crop up to 64 px.",
+            rich_help_panel=_DATA,
+        ),
+    ] = "auto",
+    flip: Annotated[
+        bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=_DATA)
+    ] = True,
+    batch_size: Annotated[int, typer.Option(rich_help_panel=_OPT)] = 128,
+    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.", rich_help_panel=_OPT)] = "sgd",
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak learning rate. (default: 0.1 sgd / 2e-3 adamw per 128 images, /10 when fine-tuning)",
+            show_default=False,
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(help="(default: 5e-4 sgd / 0.05 adamw)", show_default=False, rich_help_panel=_OPT),
+    ] = None,
+    schedule: Annotated[
+        str, typer.Option(help="cosine or onecycle, after a linear warm-up.", rich_help_panel=_OPT)
+    ] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(rich_help_panel=_OPT)] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(rich_help_panel=_OPT)] = 0.1,
+    grad_clip: Annotated[
+        float | None, typer.Option(help="Max gradient norm.", show_default=False, rich_help_panel=_OPT)
+    ] = None,
+    seed: Annotated[int, typer.Option(rich_help_panel=_OPT)] = 0,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this directory where it stopped.", show_default=False),
+    ] = None,
+    stop_after_epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop (resumably) after this many epochs.", show_default=False, rich_help_panel=_RUN
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.", rich_help_panel=_RUN)] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto, float32, bfloat16, float16 (autocast).", rich_help_panel=_RUN)
+    ] = "auto",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the model.", rich_help_panel=_RUN)
+    ] = False,
+    deterministic: Annotated[
+        bool, typer.Option(help="Deterministic GPU kernels (slower).", rich_help_panel=_RUN)
+    ] = False,
+    workers: Annotated[int | None, typer.Option(show_default=False, rich_help_panel=_RUN)] = None,
+    cache_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="Memory for decoded images; above it, stream from disk. (default: 1/4 of free RAM)",
+            show_default=False,
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
+) -> None:
+    """Train a backbone on labelled folders; its checkpoint indexes with `retrieve index --weights`."""
+    from retrieval.train import TrainConfig, train
+
+    if resume is None and data is None:
+        raise typer.BadParameter("give a DATA folder, or --resume RUN_DIR", param_hint="DATA")
+    config = TrainConfig(
+        data=data,
+        out=out if out is not None or resume is not None else Path("runs") / arch,
+        arch=arch,
+        pretrained=pretrained,
+        image_size=image_size,
+        channels=channels,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        grad_clip=grad_clip,
+        augment=augment,
+        flip=flip,
+        val_fraction=val_fraction,
+        seed=seed,
+        deterministic=deterministic,
+        device=device,
+        dtype=dtype,
+        compile=compile,
+        workers=workers,
+        cache_mb=cache_mb,
+        stop_after_epochs=stop_after_epochs,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    reporter = _rich_reporter()
+    try:
+        result = train(config, reporter)
+    finally:
+        reporter.close()
+    where = result.run_dir
+    if result.interrupted:
+        err_console.print(
+            f"[yellow]stopped[/] after {result.epochs_completed} epochs; state saved to {result.last_checkpoint}. "
+            f"Continue with: retrieve train --resume {where}"
+        )
+        raise typer.Exit(130)
+    acc = "n/a (no validation images)" if result.best_val_acc is None else f"{result.best_val_acc:.1%}"
+    console.print(
+        f"best validation accuracy {acc} at epoch {result.best_epoch}; report in {where / 'report.txt'}\n"
+        f"index with: retrieve index IMAGES --weights {result.best_checkpoint}"
+    )
+
+
+def _rich_reporter() -> TrainReporter:
+    """Epoch lines on stderr and a transient progress bar within each epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from retrieval.train import TrainReporter
+
+    class RichReporter(TrainReporter):
+        def __init__(self) -> None:
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
+            )
+            self.task: TaskID | None = None
+
+        def message(self, text: str) -> None:
+            err_console.print(f"[dim]{text}[/]", highlight=False)
+
+        def step(self, epoch: int, step: int, steps: int) -> None:
+            if self.task is None:
+                self.progress.start()
+                self.task = self.progress.add_task("", total=steps, epoch=epoch + 1)
+            self.progress.update(self.task, completed=step, total=steps, epoch=epoch + 1)
+
+        def epoch(self, stats: EpochStats) -> None:
+            self.close()
+            err_console.print(_epoch_line(stats), highlight=False)
+
+        def close(self) -> None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+                self.progress.stop()
+                self.task = None
+
+    return RichReporter()
