@@ -121,6 +121,12 @@ class Index:
 
         if not (self.dir / "index.faiss").exists():
             raise IndexFormatError(f"{self.path} lacks its FAISS index file.")
+        kind = self.manifest.get("search_index", {}).get("type", "exact")
+        if kind != "exact":
+            raise IndexFormatError(
+                f"{self.path} holds a {kind!r} search index, which this version of retrieve cannot read; "
+                "upgrade retrieve or rebuild the index."
+            )
         return ExactIndex.load(self.dir / "index.faiss", metric=self.metric)
 
     # -- lookups ------------------------------------------------------------------------------

@@ -244,6 +244,9 @@ def commit(
         "generation": name,
         "vector_files": vector_files,
         "counts": {"indexed": len(rows), "skipped": len(skipped)},
+        # What index.faiss is. Exact today; the approximate indexes (IVF/HNSW/PQ under a memory and
+        # recall budget) will record their factory string and parameters here.
+        "search_index": {"type": "exact", "faiss": type(index.index_).__name__},
         "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(index_dir / MANIFEST, manifest)  # the atomic switch to the new generation

@@ -69,3 +69,19 @@ def test_indexing_leaves_autograd_as_it_found_it(tmp_path: Path) -> None:
     assert torch.is_grad_enabled()
     build_index(IndexConfig(images=tmp_path / "s", index=tmp_path / "idx", backbone="pixels"))
     assert torch.is_grad_enabled()
+
+
+def test_manifest_names_its_search_index_and_unknown_kinds_are_refused(tmp_path: Path) -> None:
+    """The seam for approximate indexes: a kind this version cannot read is a clear error."""
+    from retrieval.errors import IndexFormatError
+
+    make_samples(tmp_path / "s", SampleConfig(per_class=2, test_per_class=0, size=32))
+    build_index(IndexConfig(images=tmp_path / "s", index=tmp_path / "idx", backbone="pixels"))
+    manifest_path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["search_index"] == {"type": "exact", "faiss": "IndexFlatL2"}
+    assert open_index(tmp_path / "idx").search_ids([0], k=1, exclude_self=False)[0][0].id == 0
+    manifest["search_index"] = {"type": "ivf-pq", "faiss": "IndexIVFPQ"}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IndexFormatError, match="ivf-pq"):
+        open_index(tmp_path / "idx").search_ids([0], k=1)
