@@ -1,0 +1,236 @@
+"""CLI: `retrieve eval` (metrics table), `retrieve neighbours` (the sheet) and `retrieve demo` (the whole story)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from retrieval.cli._app import command, console, err_console
+
+if TYPE_CHECKING:
+    from retrieval.evaluate import SpaceResult
+
+IndexesArg = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        help="Index directories, one per space. Default: the last index built.", show_default=False
+    ),
+]
+QueriesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--queries",
+        "-q",
+        help="Folder of labelled query images (label = parent folder), embedded in each space. "
+        "Default: leave-one-out, every indexed image queries the others.",
+        show_default=False,
+    ),
+]
+
+
+def parse_ks(text: str) -> list[int]:
+    from retrieval.errors import RetrieveError
+
+    try:
+        ks = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
+    except ValueError:
+        raise RetrieveError(
+            f"--k takes comma-separated positive integers, e.g. 1,5,10 (got {text!r})."
+        ) from None
+    if not ks or ks[0] < 1:
+        raise RetrieveError(f"--k takes comma-separated positive integers, e.g. 1,5,10 (got {text!r}).")
+    return ks
+
+
+def _open(indexes: Sequence[Path] | None) -> list:
+    from retrieval.api import open_index
+
+    return [open_index(p) for p in indexes] if indexes else [open_index(None)]
+
+
+def _describe(results: Sequence[SpaceResult], queries: Path | None) -> str:
+    r = results[0]
+    if r.mode == "leave-one-out":
+        return f"leave-one-out over {r.n_database:,} images (each queries the other {r.n_database - 1:,})"
+    return f"{r.n_queries_total:,} queries from {queries} against {r.n_database:,} images"
+
+
+def print_table(results: Sequence[SpaceResult], caption: str) -> None:
+    """One row per space, the best value of each column in bold with a star."""
+    from rich.table import Table
+
+    from retrieval.evaluate import best_per_metric
+
+    best = best_per_metric(results)
+    table = Table(title=caption, title_justify="left", caption="* best in column", caption_justify="left")
+    table.add_column("space", style="bold")
+    table.add_column("dim", justify="right")
+    names = list(results[0].metrics)
+    for name in names:
+        table.add_column(name, justify="right")
+    for i, r in enumerate(results):
+        cells = []
+        for name in names:
+            v = r.metrics[name]
+            text = f"{v:.3f}"
+            cells.append(f"[bold green]{text}*[/]" if i in best[name] and len(results) > 1 else text)
+        table.add_row(r.name, str(r.extra.get("dim", "")), *cells)
+    # Piped or captured output is not squeezed to a terminal's width: numbers and headers stay whole.
+    needed = 24 + 10 * (len(names) + 1)
+    if console.is_terminal or console.width >= needed:
+        console.print(table)
+    else:
+        from rich.console import Console
+
+        Console(width=needed, highlight=False).print(table)
+
+
+def results_json(results: Sequence[SpaceResult], ks: Sequence[int]) -> dict:
+    from retrieval.evaluate import best_per_metric
+
+    best = best_per_metric(results)
+    return {
+        "ks": list(ks),
+        "spaces": [r.to_dict() for r in results],
+        "best": {m: [results[i].name for i in rows] for m, rows in best.items()},
+    }
+
+
+def results_csv(results: Sequence[SpaceResult]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    names = list(results[0].metrics)
+    writer.writerow(["space", "mode", "database", "queries", *names])
+    for r in results:
+        writer.writerow([r.name, r.mode, r.n_database, r.n_queries, *(f"{r.metrics[n]:.6f}" for n in names)])
+    return buf.getvalue()
+
+
+@command("eval")
+def eval_cli(
+    indexes: IndexesArg = None,
+    queries: QueriesOpt = None,
+    k: Annotated[str, typer.Option("--k", "-k", help="Cut-offs for P@k, R@k and kNN@k.")] = "1,5,10",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout, one row per space.")] = False,
+    full_map: Annotated[
+        bool | None,
+        typer.Option(
+            "--full-map/--no-full-map",
+            help="mAP over the whole ranking. Default: on up to 400M query x image pairs.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device for embedding --queries.")] = "auto",
+) -> None:
+    """Retrieval quality of one or more spaces from their labels: P@k, R@k, R-precision, MAP@R, mAP, kNN@k.
+
+    Several indexes of the same images (e.g. pixels, resnet18, a trained checkpoint) give one table
+    with the best value per column marked. Neighbours come from exact search.
+    """
+    from retrieval.errors import RetrieveError
+    from retrieval.evaluate import check_same_images, embed_query_folder, evaluate_indexes
+
+    if as_json and as_csv:
+        raise RetrieveError("Choose one of --json and --csv.")
+    ks = parse_ks(k)
+    spaces = _open(indexes)
+    check_same_images(spaces)  # before embedding any query
+    query_sets = None
+    if queries is not None:
+        query_sets = []
+        for idx in spaces:
+            err_console.print(f"embedding queries from {queries} with {idx.path.name}", highlight=False)
+            query_sets.append(embed_query_folder(idx, queries, device=device))
+    results = evaluate_indexes(spaces, query_sets, ks=ks, full_map=full_map)
+    for note in dict.fromkeys(n for r in results for n in r.notes):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if as_json:
+        console.print_json(json.dumps(results_json(results, ks)))
+    elif as_csv:
+        typer.echo(results_csv(results), nl=False)
+    else:
+        print_table(results, _describe(results, queries))
+
+
+@command("neighbours")
+def neighbours_cli(
+    indexes: IndexesArg = None,
+    queries: QueriesOpt = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Query images on the sheet (spread over labels).")] = 8,
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per query and space.")] = 5,
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML page; a PNG is written beside it.")] = Path(
+        "neighbours.html"
+    ),
+    seed: Annotated[int, typer.Option(help="Seeds the choice of queries.")] = 0,
+    device: Annotated[str, typer.Option(help="Device for embedding --queries.")] = "auto",
+) -> None:
+    """The slide: N query images, and for each space a row with the query and its k nearest neighbours.
+
+    Wrong-label neighbours are outlined in red. Writes a self-contained HTML page and a PNG.
+    """
+    from retrieval.errors import RetrieveError
+    from retrieval.evaluate import check_same_images, embed_query_folder
+    from retrieval.sheet import neighbour_blocks, write_sheet
+
+    if n < 1 or k < 1:
+        raise RetrieveError("--n and --k must be at least 1.")
+    spaces = _open(indexes)
+    check_same_images(spaces)
+    query_sets = None
+    if queries is not None:
+        query_sets = [embed_query_folder(idx, queries, device=device) for idx in spaces]
+    blocks = neighbour_blocks(
+        spaces, query_sets, queries.absolute() if queries else None, n=n, k=k, seed=seed
+    )
+    where = f"queries from {queries}" if queries else f"queries from {spaces[0].path.name} (leave-one-out)"
+    html_path, png_path = write_sheet(blocks, out, title=f"Nearest neighbours: {where}")
+    console.print(f"sheet: {html_path}\npng:   {png_path}", highlight=False)
+
+
+@command("demo")
+def demo_cli(
+    folder: Annotated[
+        Path, typer.Argument(help="Where the sample images, model, indexes and pages go.")
+    ] = Path("retrieve-demo"),
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Training epochs. (default: the demo's measured setting)", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, mps.")] = "auto",
+    fresh: Annotated[bool, typer.Option(help="Redo every step instead of reusing what is there.")] = False,
+) -> None:
+    """The whole story, offline: generate labelled shapes, train a small convnet on CPU, index with pixels
+    and with the trained network, print the eval table, and write the neighbours sheet and the map.
+
+    Re-running reuses every finished step (same settings, same results).
+    """
+    from dataclasses import replace
+
+    from pipelines.demo import DemoConfig, run_demo
+
+    config = DemoConfig(out=folder, device=device, fresh=fresh)
+    if epochs is not None:
+        config = replace(config, epochs=epochs)
+    report = run_demo(config, progress=_DemoProgress())
+    print_table(report.results, report.caption)
+    for note in dict.fromkeys(n for r in report.results for n in r.notes):
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(report.summary(), highlight=False, markup=False)
+
+
+class _DemoProgress:
+    """Step lines on stderr (the table and summary go to stdout)."""
+
+    def step(self, text: str) -> None:
+        err_console.print(f"[bold cyan]>[/] {text}", highlight=False)
+
+    def note(self, text: str) -> None:
+        err_console.print(f"  [dim]{text}[/]", highlight=False)

@@ -1,0 +1,281 @@
+"""The neighbours sheet: for each query, one row per space (query, then its k nearest), as HTML and PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retrieval.errors import RetrieveError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from retrieval.api import Index
+    from retrieval.evaluate import QuerySet
+
+THUMB = 96  # px, side of each square thumbnail
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One image on the sheet."""
+
+    file: Path  # absolute path of the image, for the thumbnail
+    name: str  # shown: path relative to its root
+    label: str
+    distance: float | None = None  # None for the query itself
+    wrong: bool = False  # a neighbour whose label differs from the query's
+
+
+@dataclass(frozen=True)
+class SpaceRow:
+    """A query's neighbours in one space."""
+
+    space: str
+    query: Cell
+    neighbours: tuple[Cell, ...]
+
+
+@dataclass(frozen=True)
+class QueryBlock:
+    """Everything shown for one query: a row per space."""
+
+    query: Cell
+    rows: tuple[SpaceRow, ...]
+
+
+def pick_queries(labels: Sequence[str], n: int, seed: int = 0) -> list[int]:
+    """`n` positions spread over the labels: one per label in turn (sorted labels, seeded order within)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    queues = [list(rng.permutation(by_label[lab])) for lab in sorted(by_label)]
+    picked: list[int] = []
+    while len(picked) < min(n, len(labels)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(int(q.pop(0)))
+    return picked
+
+
+def neighbour_blocks(
+    indexes: Sequence[Index],
+    queries: Sequence[QuerySet] | None,
+    query_root: Path | None,
+    n: int = 8,
+    k: int = 5,
+    seed: int = 0,
+) -> list[QueryBlock]:
+    """The sheet's content: `n` queries (from `queries`, or leave-one-out from the first index) and
+    their `k` nearest neighbours in each index, found by exact search."""
+    from retrieval.evaluate import exact_neighbours
+
+    if not indexes:
+        raise RetrieveError("Give at least one index.")
+    first = indexes[0]
+    if queries is None:
+        labels, names = first.labels, first.paths
+        files = [first.root / p for p in names]
+    else:
+        assert query_root is not None
+        labels, names = queries[0].labels, queries[0].paths
+        files = [query_root / p for p in names]
+    chosen = pick_queries(labels, n, seed)
+    per_space: list[list[SpaceRow]] = [[] for _ in chosen]
+    for s, index in enumerate(indexes):
+        vectors = np.asarray(index.vectors(), np.float32)
+        if queries is None:
+            # The same images in every space (checked by the caller), found by path: ids may differ.
+            ids_here = np.array([index.id_of(names[c]) for c in chosen])
+            dist, ids = exact_neighbours(vectors, vectors[ids_here], k + 1, index.metric)
+            keep = ids != ids_here[:, None]
+            keep[~(~keep).any(axis=1), -1] = False
+            keep &= np.cumsum(keep, axis=1) <= k
+            dist = np.array([d[m] for d, m in zip(dist, keep, strict=True)])
+            ids = np.array([i[m] for i, m in zip(ids, keep, strict=True)])
+        else:
+            dist, ids = exact_neighbours(vectors, queries[s].vectors[chosen], k, index.metric)
+        name = index.path.name
+        for row, c in enumerate(chosen):
+            q = Cell(files[c], names[c], labels[c])
+            cells = tuple(
+                Cell(
+                    index.root / index.paths[j],
+                    index.paths[j],
+                    index.labels[j],
+                    float(d),
+                    index.labels[j] != labels[c],
+                )
+                for j, d in zip(ids[row], dist[row], strict=True)
+                if j >= 0
+            )
+            per_space[row].append(SpaceRow(name, q, cells))
+    return [QueryBlock(rows[0].query, tuple(rows)) for rows in per_space]
+
+
+# --------------------------------------------------------------------------------------------
+# Thumbnails
+
+
+def thumbnail(file: Path, size: int = THUMB) -> Image.Image:
+    """A centre-cropped square RGB thumbnail, or a grey tile with a cross when the file is unreadable."""
+    from PIL import Image, ImageDraw
+
+    from retrieval.errors import BadImageError
+    from retrieval.images import open_image
+
+    try:
+        img = open_image(file)
+    except (BadImageError, OSError):
+        tile = Image.new("RGB", (size, size), (200, 200, 200))
+        draw = ImageDraw.Draw(tile)
+        draw.line((0, 0, size, size), fill=(120, 120, 120), width=2)
+        draw.line((0, size, size, 0), fill=(120, 120, 120), width=2)
+        return tile
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    return img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body { font: 13px/1.35 system-ui, sans-serif; margin: 16px; color: #222; }
+h1 { font-size: 18px; } .legend { color: #555; margin-bottom: 12px; }
+.block { margin: 14px 0 20px; border-top: 1px solid #ddd; padding-top: 8px; }
+.block h2 { font-size: 14px; margin: 0 0 6px; font-weight: 600; }
+.row { display: flex; align-items: flex-start; gap: 6px; margin: 4px 0; }
+.space { width: 150px; flex: none; font-weight: 600; padding-top: 36px; word-break: break-all; }
+figure { margin: 0; width: 100px; text-align: center; }
+figure img { width: 96px; height: 96px; border: 2px solid transparent; display: block; margin: 0 auto; }
+figure.query img { border-color: #2a6fdb; }
+figure.wrong img { border-color: #d62728; outline: 2px solid #d62728; }
+figcaption { font-size: 11px; overflow-wrap: anywhere; }
+figcaption .label { font-weight: 600; } figure.wrong .label { color: #d62728; }
+"""
+
+
+def render_html(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours", note: str = "") -> str:
+    """A self-contained page (thumbnails embedded as data URIs); every name and label is escaped."""
+    esc = html.escape
+    cache: dict[Path, str] = {}
+
+    def uri(cell: Cell) -> str:
+        if cell.file not in cache:
+            cache[cell.file] = _data_uri(thumbnail(cell.file))
+        return cache[cell.file]
+
+    def figure(cell: Cell, kind: str) -> str:
+        dist = "query" if cell.distance is None else f"d = {cell.distance:.4g}"
+        return (
+            f'<figure class="{kind}"><img src="{uri(cell)}" alt="{esc(cell.name)}" title="{esc(cell.name)}">'
+            f'<figcaption><span class="label">{esc(cell.label)}</span><br>{esc(dist)}'
+            f"<br>{esc(cell.name)}</figcaption></figure>"
+        )
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        '<p class="legend">Each row: the query (blue), then its nearest neighbours in one space, nearest '
+        "first, with label and distance. A red outline marks a neighbour whose label differs from the "
+        f"query's.{(' ' + esc(note)) if note else ''}</p>",
+    ]
+    for block in blocks:
+        parts.append('<section class="block">')
+        parts.append(f"<h2>{esc(block.query.name)} <small>({esc(block.query.label)})</small></h2>")
+        for row in block.rows:
+            wrong = sum(c.wrong for c in row.neighbours)
+            parts.append(
+                f'<div class="row"><div class="space">{esc(row.space)}<br>'
+                f"<small>{len(row.neighbours) - wrong}/{len(row.neighbours)} same label</small></div>"
+            )
+            parts.append(figure(row.query, "query"))
+            parts.extend(figure(c, "wrong" if c.wrong else "hit") for c in row.neighbours)
+            parts.append("</div>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# PNG
+
+
+def render_png(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours") -> Image.Image:
+    """The same sheet as one image: a header line per query, a row per space."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    bold = ImageFont.load_default(size=13)
+    pad, cell_w, caption_h, label_w, header_h = 6, THUMB + 8, 30, 150, 22
+    k = max((len(r.neighbours) for b in blocks for r in b.rows), default=0)
+    width = label_w + (k + 1) * cell_w + 2 * pad
+    row_h = THUMB + 8 + caption_h
+    height = 30 + sum(header_h + len(b.rows) * row_h + pad for b in blocks) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, pad), title, fill=(20, 20, 20), font=bold)
+    thumbs: dict[Path, Image.Image] = {}
+
+    def short(text: str, n: int = 16) -> str:
+        return text if len(text) <= n else "…" + text[-(n - 1) :]
+
+    def put(cell: Cell, x: int, y: int, colour: tuple[int, int, int] | None) -> None:
+        if cell.file not in thumbs:
+            thumbs[cell.file] = thumbnail(cell.file)
+        if colour is not None:
+            draw.rectangle((x, y, x + THUMB + 5, y + THUMB + 5), outline=colour, width=3)
+        sheet.paste(thumbs[cell.file], (x + 3, y + 3))
+        dist = "query" if cell.distance is None else f"{cell.distance:.3g}"
+        draw.text((x + 2, y + THUMB + 8), short(cell.label), fill=colour or (20, 20, 20), font=font)
+        draw.text((x + 2, y + THUMB + 20), dist, fill=(90, 90, 90), font=font)
+
+    y = 30
+    for block in blocks:
+        draw.text((pad, y + 4), f"{block.query.name} ({block.query.label})", fill=(20, 20, 20), font=bold)
+        y += header_h
+        for row in block.rows:
+            draw.text((pad, y + THUMB // 2), short(row.space, 22), fill=(20, 20, 20), font=bold)
+            x = label_w
+            put(row.query, x, y, (42, 111, 219))
+            for cell in row.neighbours:
+                x += cell_w
+                put(cell, x, y, (214, 39, 40) if cell.wrong else None)
+            y += row_h
+        y += pad
+    return sheet
+
+
+def write_sheet(
+    blocks: Sequence[QueryBlock], out: str | os.PathLike, title: str = "Nearest neighbours", note: str = ""
+) -> tuple[Path, Path]:
+    """Write `out` (HTML) and the same name with .png, atomically; returns both paths."""
+    from retrieval.atomic import atomic_write
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    page = render_html(blocks, title, note).encode("utf-8")
+    atomic_write(out, lambda fh: fh.write(page))
+    image = render_png(blocks, title)
+    atomic_write(png, lambda fh: image.save(fh, format="PNG"))
+    return out, png

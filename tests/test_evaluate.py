@@ -1,0 +1,314 @@
+"""Metrics against hand-computed cases and a slow numpy brute force; `retrieve eval` and `neighbours` via the CLI."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from retrieval import evaluate as ev
+from retrieval.cli import app
+from retrieval.errors import RetrieveError
+
+# --------------------------------------------------------------------------------------------
+# Hand-computed cases
+
+
+def test_ranked_list_metrics_by_hand() -> None:
+    rel = np.array([[True, False, True, False]])
+    r = np.array([2])
+    assert ev.precision_at_k(rel, 1)[0] == 1.0
+    assert ev.precision_at_k(rel, 2)[0] == 0.5
+    assert ev.recall_at_k(rel, r, 2)[0] == 0.5
+    assert ev.recall_at_k(rel, r, 3)[0] == 1.0
+    assert ev.r_precision(rel, r)[0] == 0.5
+    assert ev.map_at_r(rel, r)[0] == 0.5  # (P(1)*1 + P(2)*0) / 2
+    assert ev.average_precision(rel)[0] == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ValueError):
+        ev.map_at_r(rel[:, :1], r)  # too shallow for R = 2
+
+
+def test_knn_majority_and_ties_by_hand() -> None:
+    codes = np.array([[1, 2, 2, 1, 0]])
+    assert ev.knn_accuracy(codes, np.array([1]), 1)[0] == 1.0
+    assert ev.knn_accuracy(codes, np.array([1]), 3)[0] == 0.0  # 2 wins 2:1
+    assert ev.knn_accuracy(codes, np.array([1]), 4)[0] == 1.0  # 2:2 tie goes to the nearest, 1
+    assert ev.knn_accuracy(np.array([[-1, 3, -1]]), np.array([3]), 3)[0] == 1.0  # missing never vote
+
+
+def test_recall_vs_exact_and_drop_self() -> None:
+    assert ev.recall_vs_exact(np.array([[0, 1, 5]]), np.array([[0, 1, 2]]), 3) == pytest.approx(2 / 3)
+    assert ev.recall_vs_exact(np.array([[2, 1, 0]]), np.array([[0, 1, 2]]), 3) == 1.0
+    # Row 0 finds itself second (a duplicate came first); row 1 does not find itself at all.
+    dist = np.array([[0.0, 0.0, 1.0], [0.0, 2.0, 3.0]])
+    ids = np.array([[4, 0, 7], [5, 6, 8]])
+    d, i = ev.drop_self(dist, ids, np.array([0, 1]))
+    assert i.tolist() == [[4, 7], [5, 6]]
+    assert d.tolist() == [[0.0, 1.0], [0.0, 2.0]]
+
+
+def test_whole_evaluation_on_a_line_by_hand() -> None:
+    # Points on a line; hand-ranked in the module's docstring conventions (see comments per query).
+    x = np.array([[0.0], [1.0], [10.0], [11.0], [12.5]], np.float32)
+    labels = ["a", "a", "b", "a", "b"]
+    res = ev.evaluate_vectors(x, labels, ks=(1, 3), full_map=True)
+    m = res.metrics
+    # q0: a b a b (R=2)  q1: a b a b (R=2)  q2: a b a a (R=1)  q3: b b a a (R=2)  q4: a b a a (R=1)
+    assert m["P@1"] == pytest.approx(0.4)
+    assert m["R@1"] == pytest.approx((0.5 + 0.5) / 5)
+    assert m["R-precision"] == pytest.approx(0.2)
+    assert m["MAP@R"] == pytest.approx(0.2)
+    assert m["mAP"] == pytest.approx((5 / 6 + 5 / 6 + 1 / 2 + (1 / 3 + 2 / 4) / 2 + 1 / 2) / 5)
+    assert m["kNN@3"] == pytest.approx(0.4)
+    assert res.mode == "leave-one-out" and res.n_queries == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle: a slow, obvious numpy reference on random data
+
+
+def _brute_force(db, db_labels, queries, query_labels, ks, cosine=False):
+    db64, q64 = db.astype(np.float64), (db if queries is None else queries).astype(np.float64)
+    if cosine:
+        db64 = db64 / np.linalg.norm(db64, axis=1, keepdims=True)
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    qlab = db_labels if queries is None else query_labels
+    rows: dict[str, list[float]] = {}
+    knn: dict[int, list[float]] = {k: [] for k in ks}
+    for qi in range(len(q64)):
+        d = ((db64 - q64[qi]) ** 2).sum(axis=1)
+        order = [int(j) for j in np.argsort(d, kind="stable") if queries is not None or j != qi]
+        rel = [db_labels[j] == qlab[qi] for j in order]
+        n_rel = sum(rel)
+        for k in ks:
+            top = [db_labels[j] for j in order[:k]]
+            counts = {lab: top.count(lab) for lab in top}
+            best = max(counts.values())
+            pred = next(lab for lab in top if counts[lab] == best)
+            knn[k].append(float(pred == qlab[qi]))
+        if n_rel == 0:
+            continue
+        for k in ks:
+            rows.setdefault(f"P@{k}", []).append(sum(rel[:k]) / k)
+            rows.setdefault(f"R@{k}", []).append(sum(rel[:k]) / n_rel)
+        rows.setdefault("R-precision", []).append(sum(rel[:n_rel]) / n_rel)
+        hits, s_r, s_all = 0, 0.0, 0.0
+        for i, r in enumerate(rel, start=1):
+            if r:
+                hits += 1
+                s_all += hits / i
+                if i <= n_rel:
+                    s_r += hits / i
+        rows.setdefault("MAP@R", []).append(s_r / n_rel)
+        rows.setdefault("mAP", []).append(s_all / n_rel)
+    out = {name: float(np.mean(v)) for name, v in rows.items()}
+    out.update({f"kNN@{k}": float(np.mean(v)) for k, v in knn.items()})
+    return out
+
+
+@pytest.mark.parametrize("mode", ["leave-one-out", "queries", "cosine"])
+def test_metrics_equal_numpy_brute_force(mode: str) -> None:
+    rng = np.random.default_rng(7)
+    n, d, ks = 300, 64, (1, 4, 15)
+    # Unbalanced classes whose centres overlap: every metric lands well inside (0, 1).
+    classes = rng.choice(6, size=n, p=[0.35, 0.25, 0.15, 0.1, 0.1, 0.05])
+    centres = rng.normal(0, 1.0, (6, d))
+    db = (centres[classes] + rng.normal(0, 5.0, (n, d))).astype(np.float32)
+    db_labels = [f"c{c}" for c in classes]
+    queries = query_labels = None
+    if mode == "queries":
+        qc = rng.choice(7, size=90)  # class 6 is absent from the database
+        queries = (centres[np.minimum(qc, 5)] + rng.normal(0, 5.0, (90, d))).astype(np.float32)
+        query_labels = [f"c{c}" for c in qc]
+    cosine = mode == "cosine"
+    res = ev.evaluate_vectors(
+        db, db_labels, queries, query_labels, ks=ks, metric="cosine" if cosine else "l2", full_map=True
+    )
+    expected = _brute_force(db, db_labels, queries, query_labels, ks, cosine)
+    assert set(res.metrics) == set(expected)
+    for name, value in expected.items():
+        # FAISS ranks by float32 distances, the oracle by float64: a near-tie may swap two neighbours,
+        # which moves a mean by ~1e-6. Any error in a definition (R off by one, AP normalised by the
+        # hits instead of R, the query not left out) moves it by more than 1e-3.
+        assert res.metrics[name] == pytest.approx(value, abs=1e-4), name
+        assert 0.0 < value < 1.0
+    if mode == "queries":
+        assert res.n_queries < res.n_queries_total and res.notes
+
+
+def test_blocked_search_matches_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    labels = [str(c) for c in rng.integers(0, 3, 300)]
+    whole = ev.evaluate_vectors(x, labels, ks=(1, 5), full_map=True).metrics
+    monkeypatch.setattr(ev, "_BLOCK_CELLS", 500)  # a handful of queries per block
+    assert ev.evaluate_vectors(x, labels, ks=(1, 5), full_map=True).metrics == pytest.approx(whole)
+
+
+def test_full_map_skipped_above_the_pair_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
+    monkeypatch.setattr(ev, "FULL_MAP_MAX_PAIRS", 100)
+    res = ev.evaluate_vectors(x, ["a", "b"] * 25, ks=(1,))
+    assert "mAP" not in res.metrics and "MAP@R" in res.metrics
+    assert any("skipped" in n for n in res.notes)
+
+
+def test_best_per_metric_marks_ties() -> None:
+    a = ev.SpaceResult("a", "queries", 1, 1, 1, {"P@1": 0.5, "MAP@R": 0.2})
+    b = ev.SpaceResult("b", "queries", 1, 1, 1, {"P@1": 0.5, "MAP@R": 0.3})
+    assert ev.best_per_metric([a, b]) == {"P@1": [0, 1], "MAP@R": [1]}
+
+
+# --------------------------------------------------------------------------------------------
+# Indexes on disk and the CLI
+
+
+def _images(root: Path, names: dict[str, int], seed: int = 0) -> Path:
+    """Class folders of small flat-colour images: the class sets the colour, so pixels separate them."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    for label, n in names.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            base = np.array(colours[label]) + rng.integers(-40, 40, 3)
+            arr = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / label / f"{i}.png")
+    return root
+
+
+def _index(images: Path, out: Path, backbone: str = "pixels") -> Path:
+    from pipelines.index_folder import build_index
+    from retrieval.config import IndexConfig
+
+    build_index(IndexConfig(images=images, index=out, backbone=backbone, device="cpu", workers=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def spaces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("spaces")
+    db = _images(tmp / "db", {"red": 8, "green": 8, "blue": 8})
+    queries = _images(tmp / "queries", {"red": 3, "green": 3, "blue": 3}, seed=1)
+    evil = queries / "red" / "<img src=x onerror=alert(1)>.png"
+    (queries / "red" / "0.png").rename(evil)
+    return {
+        "db": db,
+        "queries": queries,
+        "pixels": _index(db, tmp / "idx-pixels"),
+        "lenet": _index(db, tmp / "idx-lenet", "lenet"),
+        "other": _index(_images(tmp / "other", {"red": 8, "green": 7, "blue": 8}), tmp / "idx-other"),
+    }
+
+
+def test_eval_cli_json_matches_the_library(spaces: dict[str, Path]) -> None:
+    from retrieval.api import open_index
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(spaces["pixels"]), str(spaces["lenet"]), "--k", "1,3", "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    rows = {r["space"]: r for r in payload["spaces"]}
+    assert set(rows) == {"idx-pixels", "idx-lenet"}
+    idx = open_index(spaces["pixels"])
+    lib = ev.evaluate_vectors(np.asarray(idx.vectors()), idx.labels, ks=(1, 3), full_map=True)
+    assert rows["idx-pixels"]["metrics"] == pytest.approx(lib.metrics)
+    assert rows["idx-pixels"]["mode"] == "leave-one-out"
+    # Flat colours: pixel space separates the classes perfectly.
+    assert rows["idx-pixels"]["metrics"]["P@3"] == 1.0
+    assert set(payload["best"]["P@1"]) <= {"idx-pixels", "idx-lenet"}
+
+
+def test_eval_cli_queries_table_and_csv(spaces: dict[str, Path]) -> None:
+    runner = CliRunner()
+    args = ["eval", str(spaces["pixels"]), str(spaces["lenet"]), "--queries", str(spaces["queries"])]
+    res = runner.invoke(app, [*args, "--k", "1,5"])
+    assert res.exit_code == 0, res.output
+    assert "idx-pixels" in res.stdout and "MAP@R" in res.stdout and "*" in res.stdout
+    res = runner.invoke(app, [*args, "--csv"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("space,mode,database,queries") and len(lines) == 3
+    assert lines[1].split(",")[1] == "queries"
+
+
+def test_eval_refuses_spaces_over_different_images(spaces: dict[str, Path]) -> None:
+    res = CliRunner().invoke(app, ["eval", str(spaces["pixels"]), str(spaces["other"])])
+    assert res.exit_code == 2
+    assert "do not cover the same images" in res.output and "green/7.png" in res.output
+    assert "Traceback" not in res.output
+    with pytest.raises(RetrieveError):
+        from retrieval.api import open_index
+
+        ev.check_same_images([open_index(spaces["pixels"]), open_index(spaces["other"])])
+
+
+class _Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.titles: list[str] = []
+        self.imgs = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in ("img", "meta", "br", "link"):
+            self.stack.append(tag)
+        if tag == "img":
+            self.imgs += 1
+            src = dict(attrs).get("src") or ""
+            assert src.startswith("data:image/"), src[:40]  # self-contained: no file references
+        if "onerror" in dict(attrs):
+            raise AssertionError("an attribute from a file name became markup")
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack[-5:])
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_neighbours_sheet_is_valid_escaped_html_with_every_query(
+    spaces: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "sheet.html"
+    res = CliRunner().invoke(
+        app,
+        [
+            "neighbours",
+            str(spaces["pixels"]),
+            str(spaces["lenet"]),
+            "--queries",
+            str(spaces["queries"]),
+            "--n",
+            "9",
+            "--k",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    parser = _Collect()
+    parser.feed(html)
+    parser.close()
+    assert parser.stack == []
+    text = "".join(parser.text)
+    query_files = sorted(
+        p.relative_to(spaces["queries"]).as_posix() for p in spaces["queries"].rglob("*.png")
+    )
+    assert len(query_files) == 9
+    for q in query_files:
+        assert q in text, q
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    # 9 queries x 2 spaces x (query + 4 neighbours)
+    assert parser.imgs == 9 * 2 * 5
+    png = Image.open(out.with_suffix(".png"))
+    assert png.width > 200 and png.height > 200
