@@ -289,21 +289,76 @@ def test_unit_target_is_one_hot_at_the_strongest_neuron(checkpoints: dict[int, P
         (g,) = torch.autograd.grad(unit.max(), xi)
         assert float(maps.scores[i]) == pytest.approx(float(unit.max().detach()), rel=1e-5)
         torch.testing.assert_close(maps.gradients[i], g[0], atol=1e-5, rtol=1e-4)
+    # A fully connected layer's unit: the neuron itself, no spatial map.
+    fc = Saliency(vm.model, "vanilla", Target.unit("classifier.1", 9), runtime=CPU)(x)
+    xi = x.clone().requires_grad_(True)
+    hidden = vm.model.classifier[:2](vm.model.flatten(vm.model.features(xi)))[:, 9]
+    (g,) = torch.autograd.grad(hidden.sum(), xi)
+    torch.testing.assert_close(fc.gradients, g, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fc.scores, hidden.detach())
     fixed = Saliency(vm.model, "vanilla", Target.unit("conv2", 4, neuron=(2, 3)), runtime=CPU)(x)
     assert fixed.gradients[:, :, :4, :].abs().sum() == 0  # the unit at row 2 sees input rows 4..17 only
     assert fixed.gradients[:, :, 4:18, 6:20].abs().sum() > 0
 
 
+def _random_batchnorm(model: nn.Module, channels: int) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine terms, so folding them is really tested."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        model.train()(torch.randn(8, channels, 32, 32) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _autograd_saliency(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Vanilla saliency the obvious way: one image at a time through the untouched model."""
+    grads = []
+    for i in range(len(x)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        logits = model(xi)
+        (g,) = torch.autograd.grad(logits[0, logits.argmax()], xi)
+        grads.append(g[0])
+    return torch.stack(grads)
+
+
 def test_torchvision_inplace_relus_and_model_untouched() -> None:
     import torchvision
 
-    model = torchvision.models.resnet18(num_classes=10).eval()
+    model = _random_batchnorm(torchvision.models.resnet18(num_classes=10), 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    maps = Saliency(model, "guided-gradcam", runtime=CPU)(torch.randn(2, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    maps = Saliency(model, "guided-gradcam", runtime=CPU)(x)
     assert maps.gradients.shape == (2, 3, 64, 64) and torch.isfinite(maps.gradients).all()
+    # Batch norms are folded into the convs of the traced copy: same gradients as the model itself.
+    vanilla = Saliency(model, "vanilla", runtime=CPU)(x).gradients
+    torch.testing.assert_close(vanilla, _autograd_saliency(model, x), atol=1e-5, rtol=1e-3)
     assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_one_channel_small_resnet_checkpoint(tmp_path: Path, few_images: Path) -> None:
+    """A registry ResNet trained on grey images, saved as `retrieve train` leaves it (run folder)."""
+    from retrieval.backbones import get_spec
+
+    model = _random_batchnorm(get_spec("resnet8_small").builder(8, 1), 1)
+    classes = ("arrow", "circle", "cross", "ring", "square", "star", "triangle", "wave")
+    ckpt = Checkpoint("resnet8_small", model.state_dict(), classes, _grey_pre(32, 1), 8, 1)
+    save_checkpoint(ckpt, tmp_path / "run" / "best.pt")
+    vm = load_model(weights=tmp_path / "run")
+    assert vm.channels == 1 and vm.classes == classes
+    grid = filters(vm.model)
+    assert (grid.mode, grid.count, grid.shape, grid.image.shape[-1]) == ("grey", 32, (1, 3, 3), 1)
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(7))
+    vanilla = Saliency(vm.model, "vanilla", runtime=CPU)(x).gradients
+    torch.testing.assert_close(vanilla, _autograd_saliency(vm.model, x), atol=1e-5, rtol=1e-3)
+    run = saliency_folder(vm, few_images, tmp_path / "sal", SaliencyConfig(method="gradcam", batch_size=8))
+    assert (run.images, run.cam_layer) == (13, "layer3")
+    acts = activations(vm, next((few_images / "star").iterdir()), "layer2", device="cpu")
+    assert acts.maps.shape == (64, 16, 16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,11 +405,97 @@ def test_dream_on_a_unit(checkpoints: dict[int, Path], net28: VizModel) -> None:
         dream(vm, Target.predicted())
 
 
-def test_dream_runs_on_vgg() -> None:
-    vgg = load_model("vgg11", "none")
+def test_dream_regularisers_act(checkpoints: dict[int, Path]) -> None:
+    vm = load_model(weights=checkpoints[3])
+    base = {"steps": 12, "jitter": 0, "blur_every": 0, "clip_percentile": 0.0}
+
+    def run(**kw: object) -> np.ndarray:
+        return dream(vm, Target.of_class(2), DreamConfig(**{**base, **kw})).image  # type: ignore[arg-type]
+
+    def at_mean(img: np.ndarray) -> float:  # pixels exactly at the mean colour (0.5 -> 128)
+        return float((img == 128).all(-1).mean())
+
+    def roughness(img: np.ndarray) -> float:
+        a = img.astype(np.float64) / 255
+        return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+    plain = run()
+    assert at_mean(plain) < 0.02
+    # Clipping: at each blur (every 4th step, the last included) the 30% weakest pixels become the mean.
+    assert at_mean(run(blur_every=4, clip_percentile=30.0)) >= 0.29
+    # Blur every step smooths the image.
+    assert roughness(run(blur_every=1, blur_sigma=1.0)) < 0.7 * roughness(plain)
+
+    # L2 decay pulls the image towards the mean.
+    def spread(img: np.ndarray) -> float:
+        return float(np.abs(img.astype(np.float64) / 255 - 0.5).mean())
+
+    assert spread(run(l2=2000.0)) < 0.5 * spread(plain)
+    # Jitter changes the path (a shifted input each step) but not what is optimised.
+    jittered = run(jitter=3)
+    assert jittered.shape == plain.shape and not np.array_equal(jittered, plain)
+
+
+@pytest.fixture(scope="module")
+def vgg() -> VizModel:
+    """A registry VGG (random weights: none can be downloaded here), shared by the tests that need one."""
+    return load_model("vgg11", "none")
+
+
+def test_registry_vgg_filters_saliency_dream(vgg: VizModel) -> None:
+    grid = filters(vgg.model)  # conv1: 64 filters of 3x3x3 as colour tiles, 8 x 8
+    assert (grid.layer, grid.mode, grid.count, grid.shape) == ("features.0", "rgb", 64, (3, 3, 3))
+    assert (grid.rows, grid.cols) == (8, 8)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    engine = Saliency(vgg.model, "guided-gradcam", runtime=CPU)
+    maps = engine(x)
+    assert engine.cam_layer == "avgpool"  # VGG's last spatial map (7x7 after adaptive pooling)
+    assert maps.gradients.shape == x.shape and torch.isfinite(maps.gradients).all()
+    assert maps.gradients.abs().sum() > 0 and maps.cam.shape == (2, 64, 64)
     result = dream(vgg, Target.unit("features.3", 7), DreamConfig(steps=4, size=64))
     assert result.image.shape == (64, 64, 3)
     assert result.final_score > result.start_score
+
+
+def _relu_calls(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """(plain ReLU applications, guided ones) in a traced graph, whatever form they take."""
+    from retrieval.visualise.probe import GuidedReLU, guided_relu
+
+    modules = dict(gm.named_modules())
+    plain = guided = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            plain += type(modules[node.target]) is nn.ReLU
+            guided += isinstance(modules[node.target], GuidedReLU)
+        elif node.op == "call_function":
+            plain += node.target in (F.relu, torch.relu, torch.relu_, F.relu_)
+            guided += node.target is guided_relu
+        elif node.op == "call_method":
+            plain += node.target in ("relu", "relu_")
+    return plain, guided
+
+
+def test_every_registry_convnet_traces_with_every_relu_guided() -> None:
+    """Every registry architecture, built on the meta device (structure only, no weights computed):
+    the probe traces it, resolves `conv1`, and replaces every ReLU application by the guided one."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from retrieval.backbones import get_spec, list_backbones
+    from retrieval.visualise.probe import graph_nodes
+
+    names = [n for n in list_backbones() if get_spec(n).builder is not None]
+    assert {"lenet", "alexnet", "vgg16_bn", "resnet50", "googlenet", "resnet8_small"} <= set(names)
+    for name in names:
+        spec = get_spec(name)
+        with torch.device("meta"):
+            model = spec.builder(spec.num_classes, 3).eval()
+        nodes = graph_nodes(model)
+        original = create_feature_extractor(model, {nodes[-1]: "out"})
+        relus, _ = _relu_calls(original)
+        assert relus > 0, name
+        probe = Probe(model, ["conv1"], guided=True)
+        assert _relu_calls(probe.body) == (0, relus), name
+        assert probe.nodes["conv1"] in nodes
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,26 +582,34 @@ def rss():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(keep):
-    for _ in range(20):  # warm-up: allocator pools and caches reach their steady size
-        engine(x)
-    gc.collect()
-    tracemalloc.start()
-    rss0, py0 = rss(), tracemalloc.get_traced_memory()[0]
-    for _ in range(200):
+def tensors():
+    # type(), not isinstance(): isinstance would touch deprecated torch proxies, which warn.
+    return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+
+
+def run(batches, keep):
+    for _ in range(batches):
         maps = engine(x)
         if keep is not None:
-            keep.append(maps.gradients)  # 16 x 3 x 32 x 32 floats = 196 KB a batch, 39 MB in all
+            keep.append(maps)  # heat, gradients, Grad-CAM, classes, scores of 16 images: 320 KB a batch
+
+
+def measure(batches, keep):
+    run(10, None)  # warm-up: allocator pools and caches reach their steady size
     gc.collect()
-    rss1, py1 = rss(), tracemalloc.get_traced_memory()[0]
+    tracemalloc.start()
+    before = rss(), tracemalloc.get_traced_memory()[0], tensors()
+    run(batches, keep)
+    gc.collect()
+    after = rss(), tracemalloc.get_traced_memory()[0], tensors()
     tracemalloc.stop()
-    return rss1 - rss0, py1 - py0
+    return dict(zip(("rss", "py", "tensors"), (a - b for a, b in zip(after, before))))
 
 
-flat = measure(None)
+flat = measure(200, None)
 kept = []
-leak = measure(kept)
-print(json.dumps({"rss": flat[0], "py": flat[1], "leak_rss": leak[0]}))
+leak = measure(60, kept)
+print(json.dumps({"flat": flat, "leak": leak}))
 """
 
 
@@ -476,10 +625,14 @@ def test_saliency_memory_flat_over_200_batches(checkpoints: dict[int, Path]) -> 
     )
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert m["rss"] < 8 * 2**20, f"RSS grew {m['rss'] / 2**20:.1f} MiB over 200 batches"
-    assert m["py"] < 256 * 2**10, f"Python heap grew {m['py'] / 2**10:.0f} KiB over 200 batches"
-    # The measurement can see a leak: keeping each batch's gradients shows up.
-    assert m["leak_rss"] > 20 * 2**20, f"a 39 MB leak showed only {m['leak_rss'] / 2**20:.1f} MiB"
+    flat, leak = m["flat"], m["leak"]
+    # 200 batches of 16 images (3200 images, guided Grad-CAM: two forward/backward passes each).
+    assert flat["tensors"] == 0, f"{flat['tensors']} tensors outlived their batch"
+    assert flat["rss"] < 8 * 2**20, f"RSS grew {flat['rss'] / 2**20:.1f} MiB over 200 batches"
+    assert flat["py"] < 256 * 2**10, f"Python heap grew {flat['py'] / 2**10:.0f} KiB over 200 batches"
+    # The measurement can see a leak: keeping each batch's results (5 tensors, 320 KB) shows up.
+    assert leak["tensors"] == 60 * 5
+    assert leak["rss"] > 12 * 2**20, f"a 19 MB leak showed only {leak['rss'] / 2**20:.1f} MiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,6 +808,81 @@ def test_cli_commands(checkpoints: dict[int, Path], few_images: Path, tmp_path: 
     assert r.exit_code == 2 and "Known classes: arrow, circle" in r.output
     r = runner.invoke(app, ["viz", "saliency", image, "-w", ckpt, "--layer", "conv2"])
     assert r.exit_code == 2 and "--layer and --channel" in r.output
+
+
+def test_cli_bad_input_is_one_clear_line_and_exit_2(
+    checkpoints: dict[int, Path], few_images: Path, tmp_path: Path
+) -> None:
+    ckpt = str(checkpoints[3])
+    image = str(next((few_images / "star").iterdir()))
+    folder = str(few_images)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    missing = str(tmp_path / "missing")
+    valid = "Valid layers: conv1 (= features.0), conv2 (= features.3), conv3 (= features.6)"
+    cases = [
+        (["saliency", missing], f"{missing} does not exist"),
+        (["top-patches", missing, "-l", "conv2", "-c", "1"], f"{missing} does not exist"),
+        (["activations", missing + ".png", "-l", "conv1"], "missing.png does not exist"),
+        (["activations", folder, "-l", "conv1"], "is a folder; give one image file"),
+        (["filters", "--layer", "conv9"], "Valid conv layers: conv1 (= features.0), conv2 (= features.3)"),
+        (["saliency", image, "--layer", "conv9", "--channel", "1"], valid),
+        (["saliency", image, "-m", "gradcam", "--cam-layer", "conv9"], valid),
+        (["dream", "--layer", "conv9", "--channel", "1"], valid),
+        (["activations", image, "--layer", "conv9"], valid),
+        (["top-patches", folder, "-l", "conv9", "-c", "1"], valid),
+        (
+            ["saliency", image, "--layer", "conv2", "--channel", "16"],
+            "Channel 16 of conv2 is out of range: valid are 0..15",
+        ),
+        (
+            ["dream", "--layer", "conv2", "--channel", "-1"],
+            "Channel -1 of conv2 is out of range: valid are 0..15",
+        ),
+        (
+            ["top-patches", folder, "-l", "conv2", "-c", "16"],
+            "Channel 16 of conv2 is out of range: valid are 0..15",
+        ),
+        (["top-patches", folder, "-l", "classifier.1", "-c", "1"], "top patches need a conv layer"),
+        (["saliency", image, "-t", "8"], "Class 8 is out of range: valid are 0..7"),
+        (["saliency", image, "-l", "conv2", "-c", "1", "--neuron", "10,0"], "outside conv2's 10x10 map"),
+        (["saliency", str(broken)], "None of the 1 images under"),
+        (["saliency", str(broken / "torn.png")], "torn.png could not be decoded"),
+        (["activations", str(broken / "torn.png"), "-l", "conv1"], "torn.png: "),
+        (["top-patches", str(broken), "-l", "conv2", "-c", "1"], "torn.png: "),
+        (["saliency", image, "-o", image], "Cannot write the report"),
+        (["filters", "-o", folder], "Cannot write"),
+        (["filters", "--scale", "0"], "scale must be at least 1"),
+        (["filters", "--max-filters", "0"], "max filters must be at least 1"),
+        (["dream", "--class", "0", "--jitter", "-1"], "jitter must be at least 0"),
+        (["dream", "--class", "0", "--blur-sigma", "0"], "blur sigma must be positive"),
+        (["dream", "--class", "0", "--lr", "0"], "lr must be positive"),
+        (["dream", "--class", "0", "--size", "64"], "does not accept a 64x64 input"),
+        (["saliency", image, "--batch-size", "0"], "batch size must be at least 1"),
+    ]
+    runner = CliRunner()
+    for args, expected in cases:
+        if "-o" not in args:
+            args = [*args, "-o", str(tmp_path / "out" / args[0])]
+        r = runner.invoke(app, ["viz", *args, "-w", ckpt])
+        assert r.exit_code == 2, (args, r.exit_code, r.exception, r.output)
+        assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)
+        assert "error:" in r.output and expected in r.output, (args, r.output)
+    assert not (tmp_path / "out" / "saliency").exists() or not any(
+        (tmp_path / "out" / "saliency").rglob("*.html")
+    )
+
+    # A file that fails to decode among good ones is skipped, with its reason on stderr.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for src in sorted((few_images / "star").iterdir())[:2]:
+        (mixed / src.name).write_bytes(src.read_bytes())
+    (mixed / "torn.png").write_bytes((broken / "torn.png").read_bytes())
+    for args in (["saliency", str(mixed)], ["top-patches", str(mixed), "-l", "conv2", "-c", "1", "--n", "2"]):
+        r = runner.invoke(app, ["viz", *args, "-w", ckpt, "-o", str(tmp_path / "ok" / args[0])])
+        assert r.exit_code == 0, r.output
+        assert re.search(r"skipped 1 unreadable files.*\n  torn\.png: \S", r.output), r.output
 
 
 def test_cli_subprocess(checkpoints: dict[int, Path], tmp_path: Path) -> None:

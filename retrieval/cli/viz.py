@@ -87,6 +87,18 @@ def _target(
     return Target.of_class(_class_index(cls, classes))
 
 
+def _report_skipped(skipped: Sequence[tuple[str, str]], where: str = "", limit: int = 10) -> None:
+    """Each file that failed to decode, with the reason, on stderr (the first `limit` of them)."""
+    if not skipped:
+        return
+    lines = [f"skipped {len(skipped)} unreadable files{where}:"]
+    lines += [f"  {rel}: {reason}" for rel, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    # soft_wrap: one line per file whatever the terminal width, so the output can be grepped.
+    err_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+
+
 @contextmanager
 def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -186,12 +198,7 @@ def saliency_cli(
         highlight=False,
         markup=False,
     )
-    if run.skipped:
-        err_console.print(
-            f"skipped {len(run.skipped)} unreadable files (listed in the report)",
-            highlight=False,
-            markup=False,
-        )
+    _report_skipped(run.skipped, " (all listed in the report)")
 
 
 @viz.command("dream")
@@ -312,5 +319,4 @@ def top_patches_cli(
         table.add_row(str(i), Text(p.relpath), f"{p.score:.3f}", f"{p.position}", f"{p.box}")
     console.print(table, highlight=False)
     console.print(f"-> {out}", highlight=False, markup=False)
-    if result.skipped:
-        err_console.print(f"skipped {len(result.skipped)} unreadable files", highlight=False, markup=False)
+    _report_skipped(result.skipped)

@@ -49,6 +49,18 @@ class DreamConfig:
             raise RetrieveError(f"Unknown init {self.init!r}; choose {' or '.join(INITS)}.")
         if self.steps < 1:
             raise RetrieveError("steps must be at least 1")
+        if not self.lr > 0:
+            raise RetrieveError(f"lr must be positive, not {self.lr}")
+        if self.l2 < 0:
+            raise RetrieveError(f"l2 must be at least 0, not {self.l2}")
+        if self.jitter is not None and self.jitter < 0:
+            raise RetrieveError(f"jitter must be at least 0 pixels, not {self.jitter}")
+        if self.blur_every < 0:
+            raise RetrieveError(f"blur-every must be at least 0 (0 = never), not {self.blur_every}")
+        if self.blur_every and not self.blur_sigma > 0:
+            raise RetrieveError(
+                f"blur sigma must be positive, not {self.blur_sigma} (use --blur-every 0 for no blur)"
+            )
         if self.size is not None and self.size < 8:
             raise RetrieveError("size must be at least 8 pixels")
         if not 0 <= self.clip_percentile < 100:

@@ -16,7 +16,7 @@ from retrieval.errors import RetrieveError
 from retrieval.images import Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, conv_module, frozen_copy
-from retrieval.visualise.source import VizModel, iter_batches, list_images, load_image
+from retrieval.visualise.source import VizModel, iter_batches, list_images, load_image, nothing_decoded
 
 FILTER_MODES = ("auto", "rgb", "grey", "mean", "channels")
 
@@ -51,6 +51,12 @@ def filters(
     """
     if mode not in FILTER_MODES:
         raise RetrieveError(f"Unknown filter mode {mode!r}; choose one of {', '.join(FILTER_MODES)}.")
+    if max_filters < 1:
+        raise RetrieveError(f"max filters must be at least 1, not {max_filters}")
+    if scale is not None and scale < 1:
+        raise RetrieveError(f"scale must be at least 1 pixel per weight, not {scale}")
+    if pad < 0:
+        raise RetrieveError(f"pad must be at least 0, not {pad}")
     name, conv = conv_module(model, layer)
     w = conv.weight.detach().float().cpu()  # [out, in/groups, kh, kw]
     total, cin, kh, kw = w.shape
@@ -161,7 +167,7 @@ def top_patches(
             )
         if not 0 <= channel < act.shape[1]:
             raise RetrieveError(
-                f"Channel {channel} is out of range for {layer}: valid are 0..{act.shape[1] - 1}."
+                f"Channel {channel} of {layer} is out of range: valid are 0..{act.shape[1] - 1}."
             )
         width = act.shape[3]
         values, where = act[:, channel].flatten(1).max(1)
@@ -173,7 +179,7 @@ def top_patches(
             elif item[0] > heap[0][0]:
                 heapq.heapreplace(heap, item)
     if not heap:
-        raise RetrieveError(f"None of the {len(entries)} images under {path} could be decoded.")
+        raise nothing_decoded(path, len(entries), skipped)
     best = sorted(heap, key=lambda t: (-t[0], t[1]))
     pre = vm.preprocess
     boxes = receptive_boxes(

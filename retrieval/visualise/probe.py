@@ -325,7 +325,7 @@ def target_scores(
     batch = logits.shape[0]
     if target.kind == "unit":
         act = out[target.layer]
-        channel = _check_index(target.channel, act.shape[1], f"channel of {target.layer}")
+        channel = _check_index(target.channel, act.shape[1], "channel", f" of {target.layer}")
         unit = act[:, channel]
         if target.neuron is not None:
             if unit.ndim != 3:
@@ -352,7 +352,7 @@ def target_scores(
     return logits.gather(1, chosen.view(-1, 1).to(logits.device))[:, 0], chosen
 
 
-def _check_index(index: int | None, size: int, what: str) -> int:
+def _check_index(index: int | None, size: int, what: str, where: str = "") -> int:
     if index is None or not 0 <= index < size:
-        raise RetrieveError(f"{what.capitalize()} {index} is out of range: valid are 0..{size - 1}.")
+        raise RetrieveError(f"{what.capitalize()} {index}{where} is out of range: valid are 0..{size - 1}.")
     return int(index)

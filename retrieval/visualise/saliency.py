@@ -18,7 +18,7 @@ from retrieval.errors import RetrieveError, UnknownNameError
 from retrieval.images import ImageFileEntry, Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, Target, frozen_copy, target_scores
-from retrieval.visualise.source import VizModel, iter_batches, list_images
+from retrieval.visualise.source import VizModel, iter_batches, list_images, nothing_decoded
 
 METHODS = ("vanilla", "guided", "gradcam", "guided-gradcam")
 
@@ -275,10 +275,10 @@ def saliency_folder(
                 done += len(batch.entries)
             if progress is not None:
                 progress(done + len(skipped), len(entries))
+        if done == 0:  # raised inside: the half-written report is removed, not renamed into place
+            raise nothing_decoded(path, len(entries), skipped)
         for rel, reason in skipped:
             report.add_skipped(rel, reason)
-    if done == 0:
-        raise RetrieveError(f"None of the {len(entries)} images under {path} could be decoded.")
     return SaliencyRun(
         out=out,
         report=out / "report.html",

@@ -65,6 +65,15 @@ def list_images(path: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tup
     return entries, problems
 
 
+def nothing_decoded(path: str | os.PathLike, total: int, skipped: list[tuple[str, str]]) -> BadImageError:
+    """The error for a run in which no image decoded: it names the first few files and why."""
+    if Path(path).is_file() and skipped:
+        return BadImageError(f"{path} could not be decoded: {skipped[0][1]}")
+    shown = "; ".join(f"{rel}: {why}" for rel, why in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return BadImageError(f"None of the {total} images under {path} could be decoded ({shown}{more}).")
+
+
 @dataclass
 class Batch:
     """Decoded images of one batch: normalised inputs and the uint8 pictures they came from."""
@@ -102,6 +111,10 @@ def iter_batches(entries: list[ImageFileEntry], transform: Transform, batch_size
 
 def load_image(path: str | os.PathLike, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
     """One image as (uint8 [C, H, W], normalised float [C, H, W]); a bad file raises BadImageError."""
+    if not Path(path).exists():
+        raise EmptyInputError(f"{path} does not exist.")
+    if Path(path).is_dir():
+        raise RetrieveError(f"{path} is a folder; give one image file.")
     transform = Transform(preprocess)
     try:
         pixels, _, _ = load_tensor(path, transform)
