@@ -68,6 +68,7 @@ class DemoReport:
     map: Path | None
     seconds: dict[str, float] = field(default_factory=dict)
     reused: tuple[str, ...] = ()  # steps skipped because their output was there
+    arch: str = "resnet8_small"
 
     def summary(self) -> str:
         """The closing words: where things are and what to try next."""
@@ -97,7 +98,7 @@ class DemoReport:
             lines.append(f"  retrieve map {net}")
         lines += [
             f"  retrieve index ./your-images --weights {self.checkpoint}",
-            f"  retrieve train {self.images / 'train'} --arch resnet8_small --epochs 30   # a longer run",
+            f"  retrieve train {self.images / 'train'} --arch {self.arch} --epochs 30   # a longer run",
         ]
         return "\n".join(lines)
 
@@ -308,6 +309,7 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
         map=map_path,
         seconds=seconds,
         reused=tuple(reused),
+        arch=config.arch,
     )
 
 

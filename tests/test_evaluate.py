@@ -312,3 +312,19 @@ def test_neighbours_sheet_is_valid_escaped_html_with_every_query(
     assert parser.imgs == 9 * 2 * 5
     png = Image.open(out.with_suffix(".png"))
     assert png.width > 200 and png.height > 200
+
+
+def test_eval_real_subprocess(spaces: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "retrieval", "eval", str(spaces["pixels"]), "--k", "2", "--csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    header, row = res.stdout.strip().splitlines()
+    assert header.split(",")[4:] == ["P@2", "R@2", "R-precision", "MAP@R", "mAP", "kNN@2"]
+    assert row.startswith("idx-pixels,leave-one-out,24,24,")

@@ -204,6 +204,20 @@ def demo_cli(
         int | None,
         typer.Option(help="Training epochs. (default: the demo's measured setting)", show_default=False),
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Network to train, e.g. resnet8_small, lenet. (default: the demo's)", show_default=False
+        ),
+    ] = None,
+    per_class: Annotated[
+        int | None,
+        typer.Option(help="Training images per class. (default: the demo's setting)", show_default=False),
+    ] = None,
+    test_per_class: Annotated[
+        int | None,
+        typer.Option(help="Held-out query images per class. (default: the demo's)", show_default=False),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, mps.")] = "auto",
     fresh: Annotated[bool, typer.Option(help="Redo every step instead of reusing what is there.")] = False,
 ) -> None:
@@ -215,15 +229,18 @@ def demo_cli(
     from dataclasses import replace
 
     from pipelines.demo import DemoConfig, run_demo
+    from retrieval.api import remember_last_index
 
     config = DemoConfig(out=folder, device=device, fresh=fresh)
-    if epochs is not None:
-        config = replace(config, epochs=epochs)
+    overrides = {"epochs": epochs, "arch": arch, "per_class": per_class, "test_per_class": test_per_class}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     report = run_demo(config, progress=_DemoProgress())
+    # `retrieve query IMAGE` with no --index then searches the trained space.
+    remember_last_index(next(p for name, p in report.indexes.items() if name != "pixels"))
     print_table(report.results, report.caption)
     for note in dict.fromkeys(n for r in report.results for n in r.notes):
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(report.summary(), highlight=False, markup=False)
+    typer.echo(report.summary())
 
 
 class _DemoProgress:

@@ -1,0 +1,195 @@
+"""Benchmark retrieval quality (trained features vs raw pixels) and the speed of `retrieve eval`.
+
+Hardware is printed in the header. Each part measures our path and its baseline in one run:
+  samples    the `retrieve demo` job (shapes): P@10 of the trained features vs pixel space (target >= 2x)
+  cifar10    resnet8_small trained with `retrieve train` on the train split for a time budget; the test
+             split indexed with pixels and with the trained net; leave-one-out P@10, MAP@R, kNN@k
+  mnist      the same on MNIST (PNGs written from ../shared/datasets/mnist.npz)
+  synthetic  `evaluate_vectors` leave-one-out on 50k x 512-d vs the FAISS search alone (the floor)
+             and a Python loop of one search per query (extrapolated from a sample)
+
+    python bench/quality.py samples|cifar10|mnist|synthetic [--epochs N] [--train-per-class N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.device import machine_summary
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def table(rows: list[tuple[str, dict[str, float]]], names: list[str]) -> None:
+    print(f"{'space':<28}" + "".join(f"{n:>12}" for n in names))
+    for name, m in rows:
+        print(f"{name:<28}" + "".join(f"{m[n]:>12.4f}" for n in names))
+
+
+def bench_samples(args: argparse.Namespace) -> None:
+    from pipelines.demo import DemoConfig, run_demo
+
+    out = Path(args.workdir or tempfile.mkdtemp(prefix="quality-demo-"))
+    t = time.perf_counter()
+    report = run_demo(DemoConfig(out=out, device="cpu"))
+    wall = time.perf_counter() - t
+    print(
+        f"demo wall time {wall:.1f}s, steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    )
+    print(report.caption)
+    names = ["P@1", "P@5", "P@10", "MAP@R", "mAP", "kNN@10"]
+    table([(r.name, r.metrics) for r in report.results], names)
+    pix, net = report.results[0].metrics, report.results[1].metrics
+    ratio = net["P@10"] / pix["P@10"]
+    print(f"P@10 trained / pixels = {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+
+
+def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, flip: bool) -> None:
+    from pipelines.index_folder import build_index
+    from retrieval.api import open_index
+    from retrieval.config import IndexConfig
+    from retrieval.evaluate import evaluate_indexes
+    from retrieval.train import TrainConfig, train
+
+    work = data.parent / f"{data.name}-quality"
+    t = time.perf_counter()
+    result = train(
+        TrainConfig(
+            data=data / "train",
+            out=work / "run",
+            arch=args.arch,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            optimizer="adamw",
+            val_fraction=0.0,  # the test split stays unseen until evaluation
+            channels=channels,
+            flip=flip,
+            device="cpu",
+            overwrite=True,
+        )
+    )
+    train_s = time.perf_counter() - t
+    last = result.history[-1]
+    print(
+        f"trained {args.arch} {result.epochs_completed} epochs in {train_s:.0f}s "
+        f"({last.images_per_s:,.0f} img/s, final train accuracy {last.train_acc:.1%})"
+    )
+    indexes = []
+    for name, backbone, weights in [
+        ("pixels", "pixels", None),
+        (args.arch, None, str(result.best_checkpoint)),
+    ]:
+        t = time.perf_counter()
+        r = build_index(
+            IndexConfig(images=data / "test", index=work / f"idx-{name}", backbone=backbone, weights=weights)
+        )
+        print(f"indexed test split with {name}: {r.indexed} images in {time.perf_counter() - t:.1f}s")
+        indexes.append(open_index(r.index))
+    t = time.perf_counter()
+    results = evaluate_indexes(indexes, ks=(1, 10))
+    print(f"eval (leave-one-out over the test split) in {time.perf_counter() - t:.1f}s")
+    table([(r.name, r.metrics) for r in results], ["P@10", "MAP@R", "mAP", "kNN@1", "kNN@10"])
+
+
+def bench_cifar10(args: argparse.Namespace) -> None:
+    root = Path("/tmp/cifar10")
+    if not (root / "test").is_dir():
+        t = time.perf_counter()
+        with tarfile.open(DATASETS / "cifar10-jpg.tar") as tar:
+            tar.extractall(root, filter="data")
+        print(f"extracted CIFAR-10 to {root} in {time.perf_counter() - t:.0f}s")
+    data = _subset(root, args.train_per_class)
+    _train_and_eval(data, args, channels=3, flip=True)
+
+
+def _subset(root: Path, per_class: int | None) -> Path:
+    """`root` itself, or a folder of symlinks holding `per_class` training images per class + all test."""
+    if not per_class:
+        return root
+    sub = root.parent / f"{root.name}-{per_class}"
+    if not sub.exists():
+        for cls in sorted(p.name for p in (root / "train").iterdir()):
+            (sub / "train" / cls).mkdir(parents=True)
+            for f in sorted((root / "train" / cls).iterdir())[:per_class]:
+                (sub / "train" / cls / f.name).symlink_to(f)
+        (sub / "test").symlink_to(root / "test")
+    return sub
+
+
+def bench_mnist(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    root = Path("/tmp/mnist-png")
+    if not (root / "test").is_dir():
+        t = time.perf_counter()
+        d = np.load(DATASETS / "mnist.npz")
+        for split in ("train", "test"):
+            x, y = d[f"x_{split}"], d[f"y_{split}"]
+            for label in range(10):
+                (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            for i, (img, label) in enumerate(zip(x, y, strict=True)):
+                Image.fromarray(img).save(root / split / str(int(label)) / f"{i:05d}.png")
+        print(f"wrote MNIST PNGs to {root} in {time.perf_counter() - t:.0f}s")
+    data = _subset(root, args.train_per_class)
+    _train_and_eval(data, args, channels=1, flip=False)
+
+
+def bench_synthetic(args: argparse.Namespace) -> None:
+    from retrieval.evaluate import evaluate_vectors
+    from retrieval.index import ExactIndex
+
+    n, d = args.n, 512
+    for classes in (100, 10):
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, classes, n)
+        x = (rng.normal(0, 1, (classes, d))[labels] + rng.normal(0, 3, (n, d))).astype(np.float32)
+        names = [str(c) for c in labels]
+        t = time.perf_counter()
+        res = evaluate_vectors(x, names, ks=(1, 5, 10))
+        ours = time.perf_counter() - t
+        depth = max(10, int(np.bincount(labels).max()))
+        t = time.perf_counter()
+        index = ExactIndex(metric="l2").fit(x)
+        index.search(x, depth + 1)
+        floor = time.perf_counter() - t
+        sample = 200
+        t = time.perf_counter()
+        for i in range(sample):
+            index.search(x[i : i + 1], depth + 1)
+        loop = (time.perf_counter() - t) * n / sample
+        print(
+            f"{n:,} x {d}-d, {classes} classes (R ~ {n // classes}): eval {ours:.1f}s "
+            f"(P@10 {res.metrics['P@10']:.3f}, MAP@R {res.metrics['MAP@R']:.3f}); one batched FAISS "
+            f"search of depth {depth + 1} alone {floor:.1f}s; per-query Python loop ~{loop:.0f}s "
+            f"(extrapolated from {sample}) = {loop / ours:.1f}x slower"
+        )
+        for note in res.notes:
+            print("  note:", note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("part", choices=["samples", "cifar10", "mnist", "synthetic"])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--arch", default="resnet8_small")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-per-class", type=int, default=None, help="subset of the train split")
+    parser.add_argument("--n", type=int, default=50_000, help="synthetic: vectors")
+    parser.add_argument("--workdir", default=None, help="samples: demo folder (reused when it exists)")
+    args = parser.parse_args()
+    print(machine_summary())
+    {"samples": bench_samples, "cifar10": bench_cifar10, "mnist": bench_mnist, "synthetic": bench_synthetic}[
+        args.part
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
