@@ -21,7 +21,7 @@ cannot retrieve anything); kNN accuracy averages over all queries, counting thos
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,7 +315,7 @@ def full_average_precision(
     metric: str = "l2",
 ) -> np.ndarray:
     """Per query AP over the whole database ranking; distances are computed in blocks of one class's
-    queries, so the relevant set is shared by the rows of a block (see average_precision_from_distances)."""
+    queries, so the relevant set is shared by the rows of a block (see _ap_from_sorted)."""
     import torch
 
     from retrieval.index import normalize_rows
@@ -444,11 +444,7 @@ def evaluate_indexes(
             "dim": index.dim,
             "metric": index.metric,
         }
-        results.append(
-            SpaceResult(
-                **{**result.__dict__, "extra": info},
-            )
-        )
+        results.append(replace(result, extra=info))
     return results
 
 

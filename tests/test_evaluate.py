@@ -328,3 +328,17 @@ def test_eval_real_subprocess(spaces: dict[str, Path]) -> None:
     header, row = res.stdout.strip().splitlines()
     assert header.split(",")[4:] == ["P@2", "R@2", "R-precision", "MAP@R", "mAP", "kNN@2"]
     assert row.startswith("idx-pixels,leave-one-out,24,24,")
+
+
+def test_eval_without_index_uses_the_last_one(
+    spaces: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retrieval.api import remember_last_index
+
+    monkeypatch.setenv("RETRIEVE_STATE_DIR", str(tmp_path / "state"))
+    res = CliRunner().invoke(app, ["eval", "--json"])
+    assert res.exit_code == 2 and "No index given" in res.output
+    remember_last_index(spaces["lenet"])
+    res = CliRunner().invoke(app, ["eval", "--json", "--k", "1"])
+    assert res.exit_code == 0, res.output
+    assert [r["space"] for r in json.loads(res.stdout)["spaces"]] == ["idx-lenet"]
