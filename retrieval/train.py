@@ -223,10 +223,19 @@ def discover(data: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) 
         train_classes, problems = _labelled(root, "")
         val_root = None
     classes = tuple(sorted(train_classes))
+    layout = f"expected {root}/<class>/*.jpg, or {root}/train/<class> + {root}/val/<class>"
+    loose = sum(1 for _, reason in problems if reason == "not inside a class folder")
+    if not classes and loose:
+        raise EmptyInputError(
+            f"{root}: its {loose} images are not inside class folders; the folder name is the label "
+            f"({layout})."
+        )
+    if not classes:
+        raise EmptyInputError(f"{root} holds no images ({layout}).")
     if len(classes) < 2:
         raise EmptyInputError(
-            f"{root} needs at least two class folders with images ({root}/<class>/*.jpg); "
-            f"found {len(classes)}: {', '.join(classes) or 'none'}."
+            f"{root} has only one class ({classes[0]}); training a classifier needs at least two "
+            f"class folders with images ({layout})."
         )
     index = {c: i for i, c in enumerate(classes)}
     train: list[tuple[str, int]] = []

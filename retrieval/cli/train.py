@@ -133,7 +133,22 @@ def train_cli(
         ),
     ] = None,
 ) -> None:
-    """Train a backbone on labelled folders; its checkpoint indexes with `retrieve index --weights`."""
+    """Train a backbone on labelled folders; its checkpoint indexes with `retrieve index --weights`.
+
+    Folders: DATA/<class>/*.jpg (a seeded --val-fraction of each class is held out for validation), or DATA/train/<class> + DATA/val/<class>. The folder name is the label.
+
+    Examples:
+
+      retrieve train ./labelled --arch resnet8_small --epochs 20 --out runs/r8
+      retrieve train ./labelled --arch resnet18 --pretrained imagenet --epochs 5
+      retrieve train ./digits --arch lenet --no-flip   (no mirrored digits)
+      retrieve train --resume runs/r8   (continue a stopped run)
+      retrieve index ./photos --weights runs/r8/best.pt   (no other flag needed)
+
+    Architectures: `retrieve backbones` lists them. resnet8_small / resnet18_small (3x3 stem, no max-pool) suit 28-64 px images; resnet18/34/50, vgg*, alexnet and googlenet expect about 224 px.
+
+    The run directory gets config.json, metrics.jsonl (one line per epoch), last.pt and best.pt (written atomically each epoch), and report.txt / report.json / confusion.png. Ctrl-C finishes the current step, saves last.pt and stops; --resume continues from exactly there. Unreadable images are skipped and listed in skipped.txt.
+    """
     from retrieval.train import TrainConfig, train
 
     if resume is None and data is None:

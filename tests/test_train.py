@@ -1,0 +1,347 @@
+"""`retrieve train`: a tiny run learns and beats pixels, resume reproduces, every arch steps, ckpt indexes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipelines.index_folder import build_index
+from retrieval import open_index
+from retrieval.backbones import get_spec
+from retrieval.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from retrieval.cli import app
+from retrieval.config import IndexConfig
+from retrieval.device import resolve_runtime
+from retrieval.errors import RetrieveError
+from retrieval.samples import SampleConfig, make_samples
+from retrieval.train import (
+    Augment,
+    EpochStats,
+    StepRunner,
+    TrainConfig,
+    TrainReporter,
+    build_model,
+    make_optimizer,
+    train,
+    trainable_archs,
+)
+
+runner = CliRunner()
+EPOCHS = 15
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Small nets: one thread is about as fast, and on a shared 2-core machine two OpenMP threads
+    # that spin-wait for each other were measured 5-10x slower (as in test_viz).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 8-class generated set at 32 px: train/<class> (200 each) and test/<class> (16 each)."""
+    return make_samples(
+        tmp_path_factory.mktemp("shapes"), SampleConfig(per_class=200, test_per_class=16, size=32)
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, shapes: Path):
+    """One short LeNet-5 run on the shapes, shared by the learning and checkpoint tests.
+
+    Grey input: the shapes' colours are random, and one channel learned 2x faster than three in
+    trials (52% vs 27% validation accuracy after ~10 s), which keeps this test within seconds.
+    """
+    config = TrainConfig(
+        data=shapes,
+        out=tmp_path_factory.mktemp("run") / "lenet",
+        arch="lenet",
+        channels=1,
+        epochs=EPOCHS,
+        batch_size=32,
+        optimizer="adamw",
+        lr=3e-3,
+        workers=1,
+    )
+    return train(config)
+
+
+def precision_at_k(vectors: np.ndarray, labels: list[str], k: int = 5) -> float:
+    """Mean share of each item's k nearest others (exact L2, numpy) that share its label."""
+    x = np.asarray(vectors, dtype=np.float64)
+    d = (x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * x @ x.T
+    np.fill_diagonal(d, np.inf)
+    nn_ids = np.argsort(d, axis=1)[:, :k]
+    lab = np.asarray(labels)
+    return float((lab[nn_ids] == lab[:, None]).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_tiny_run_learns_and_its_features_beat_pixels(trained, shapes: Path, tmp_path: Path) -> None:
+    # Chance is 1/8 on 8 balanced classes.
+    assert trained.best_val_acc is not None and trained.best_val_acc > 0.35, trained.history
+    assert trained.epochs_completed == EPOCHS and not trained.interrupted
+    losses = [h.train_loss for h in trained.history]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+    # The run directory documents itself.
+    run = trained.run_dir
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == list(range(1, EPOCHS + 1))
+    report = json.loads((run / "report.json").read_text())
+    conf = np.asarray(report["confusion"])
+    assert conf.shape == (8, 8) and conf.sum() == 8 * 16
+    assert abs(np.trace(conf) / conf.sum() - trained.best_val_acc) < 1e-9
+    assert "confusion matrix" in (run / "report.txt").read_text()
+    assert (run / "confusion.png").stat().st_size > 0
+    assert json.loads((run / "config.json").read_text())["config"]["arch"] == "lenet"
+
+    # Held-out images (never trained on): trained features vs raw pixels by precision@5.
+    held_out = shapes / "test"
+    scores = {}
+    for name, backbone, weights in [
+        ("trained", None, str(trained.best_checkpoint)),
+        ("pixels", "pixels", None),
+    ]:
+        build_index(
+            IndexConfig(images=held_out, index=tmp_path / name, backbone=backbone, weights=weights, workers=0)
+        )
+        idx = open_index(tmp_path / name)
+        scores[name] = precision_at_k(idx.vectors(), idx.labels, k=5)
+    assert scores["trained"] > scores["pixels"] + 0.1, scores
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+
+
+class _CtrlCAt(TrainReporter):
+    """Delivers a real SIGINT (Ctrl-C) to this process after a given optimiser step."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        self.at = (epoch, step)
+        self.epochs: list[EpochStats] = []
+
+    def step(self, epoch: int, step: int, steps: int) -> None:
+        if (epoch, step) == self.at:
+            signal.raise_signal(signal.SIGINT)
+
+    def epoch(self, stats: EpochStats) -> None:
+        self.epochs.append(stats)
+
+
+def _metrics(run: Path) -> list[tuple[float, ...]]:
+    out = []
+    for ln in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(ln)
+        out.append((m["train_loss"], m["train_acc"], m["val_loss"], m["val_acc"]))
+    return out
+
+
+def test_resume_after_an_interrupted_epoch_reproduces_the_uninterrupted_run(
+    shapes: Path, tmp_path: Path
+) -> None:
+    base = dict(data=shapes, arch="lenet", channels=1, epochs=3, batch_size=64, workers=1, seed=3)
+    full = train(TrainConfig(out=tmp_path / "full", **base))
+
+    cut = train(TrainConfig(out=tmp_path / "cut", **base), _CtrlCAt(epoch=1, step=4))
+    assert cut.interrupted and cut.epochs_completed == 1
+    state = load_checkpoint(tmp_path / "cut" / "last.pt").extra["resume"]
+    assert (state["epoch"], state["step"]) == (1, 4)  # mid-epoch state was saved
+    assert not (tmp_path / "cut" / "report.json").exists()
+
+    resumed = train(TrainConfig(data=None, out=None, resume=tmp_path / "cut"))
+    assert not resumed.interrupted and resumed.epochs_completed == 3
+    a, b = np.array(_metrics(tmp_path / "full")), np.array(_metrics(tmp_path / "cut"))
+    assert a.shape == b.shape == (3, 4)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    # The final weights agree as well (same data order, same crops, same optimiser state).
+    wa = load_checkpoint(full.last_checkpoint).state_dict
+    wb = load_checkpoint(resumed.last_checkpoint).state_dict
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Every architecture
+
+
+@pytest.mark.parametrize("arch", trainable_archs())
+def test_every_architecture_takes_a_training_step(arch: str) -> None:
+    # One-channel input everywhere (the adapted stem is the path most likely to break); three
+    # channels are stepped by the training runs below and walked for every node in test_backbones.
+    spec = get_spec(arch)
+    size = 64 if arch == "alexnet" else 32  # AlexNet's stem needs at least 63 px
+    runtime = resolve_runtime("cpu", "float32")
+    for channels in (1, 3) if arch in ("lenet", "resnet8_small") else (1,):
+        torch.manual_seed(0)
+        model, _ = build_model(spec, 3, channels, None)
+        config = TrainConfig(data=Path("."), out=Path("."), arch=arch, lr=0.01, batch_size=2)
+        augment = Augment("crop", size, 2, True, (0.5,) * channels, (0.25,) * channels, False)
+        step = StepRunner(model, make_optimizer(model, config), None, runtime, augment, 0.1, 1.0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
+        loss, correct = step(x, torch.tensor([0, 2]), torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss) and 0 <= int(correct) <= 2
+        changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point]
+        assert any(not torch.equal(before[k], model.state_dict()[k]) for k in changed), arch
+        # Its registry node gives the registered embedding size, so the trained net can be indexed.
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        model.eval()
+        with torch.no_grad():
+            feats = create_feature_extractor(model, {spec.node: "f"})(torch.zeros(1, channels, size, size))[
+                "f"
+            ]
+        assert feats.flatten(1).shape[1] == spec.dim, (arch, feats.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints through `retrieve index`
+
+
+def test_checkpoint_round_trips_through_index_weights(trained, shapes: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(trained.best_checkpoint)
+    r = invoke("index", shapes / "test", "--weights", trained.best_checkpoint, "--index", tmp_path / "i")
+    assert r.exit_code == 0, r.output
+    idx = open_index(tmp_path / "i")
+    assert idx.manifest["backbone"] == "lenet"
+    assert json.dumps(idx.manifest).count("checkpoint") >= 1
+
+    # Oracle: the checkpoint's model with the preprocessing written by hand (PIL + numpy).
+    from PIL import Image
+
+    model = get_spec("lenet").builder(ckpt.num_classes, ckpt.in_channels)
+    model.load_state_dict(ckpt.state_dict)
+    model.classifier[2] = torch.nn.Identity()  # the 84-d FC after ReLU is the embedding
+    model.eval()
+    pre = ckpt.preprocess
+    assert (pre.size, pre.channels, ckpt.classes) == (32, 1, tuple(sorted(os.listdir(shapes / "test"))))
+    files = [idx.root / p for p in idx.paths[::9]]
+    arrays = [
+        (np.asarray(Image.open(f).convert("L"), dtype=np.float32)[None] / 255 - pre.mean[0]) / pre.std[0]
+        for f in files
+    ]
+    with torch.no_grad():
+        want = model(torch.tensor(np.stack(arrays), dtype=torch.float32)).numpy()
+    got = np.asarray(idx.vectors()[::9])
+    cos = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.min() > 0.99, cos  # bf16 autocast at index time on CPUs that have it
+
+
+def test_other_arch_and_corrupt_checkpoints_are_clear_errors(trained, shapes: Path, tmp_path: Path) -> None:
+    r = invoke("index", shapes / "test", "--backbone", "resnet18", "--weights", trained.best_checkpoint)
+    assert r.exit_code == 2 and "is a 'lenet' model" in r.output and "Traceback" not in r.output
+
+    # A checkpoint that claims another architecture than its tensors fit.
+    ckpt = load_checkpoint(trained.best_checkpoint)
+    liar = Checkpoint(
+        "resnet8_small", ckpt.state_dict, ckpt.classes, ckpt.preprocess, ckpt.num_classes, ckpt.in_channels
+    )
+    save_checkpoint(liar, tmp_path / "liar.pt")
+    r = invoke("index", shapes / "test", "--weights", tmp_path / "liar.pt", "--index", tmp_path / "i")
+    assert r.exit_code == 2 and "does not fit resnet8_small" in r.output and "Traceback" not in r.output
+
+    truncated = trained.best_checkpoint.read_bytes()[:5000]
+    (tmp_path / "bad.pt").write_bytes(truncated)
+    for args in (
+        ["index", shapes / "test", "--weights", tmp_path / "bad.pt", "--index", tmp_path / "j"],
+        ["train", "--resume", tmp_path / "bad.pt"],
+    ):
+        r = invoke(*args)
+        assert r.exit_code == 2 and "not a readable checkpoint" in r.output, r.output
+        assert "Traceback" not in r.output
+    # An index-only checkpoint (no training state) cannot be resumed, and says so.
+    r = invoke("train", "--resume", tmp_path / "liar.pt")
+    assert r.exit_code == 2 and "cannot be resumed" in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# Data errors and the CLI
+
+
+def test_unusable_folders_are_one_clear_line(shapes: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    one = tmp_path / "one" / "circle"
+    one.mkdir(parents=True)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted((shapes / "train" / "circle").iterdir())[:3]):
+        (one / f.name).write_bytes(f.read_bytes())
+        (flat / f"{i}.png").write_bytes(f.read_bytes())
+    cases = [
+        (tmp_path / "empty", "no images"),
+        (tmp_path / "one", "only one class"),
+        (flat, "not inside class folders"),
+        (tmp_path / "missing", "is not a folder"),
+    ]
+    for folder, message in cases:
+        r = invoke("train", folder, "--arch", "lenet", "--out", tmp_path / "out")
+        assert r.exit_code == 2, (folder, r.output)
+        assert message in " ".join(r.output.split()), (message, r.output)
+        assert "Traceback" not in r.output
+    with pytest.raises(RetrieveError, match="nothing to train"):
+        train(TrainConfig(data=shapes, out=tmp_path / "px", arch="pixels"))
+
+
+def test_help_teaches_the_workflow() -> None:
+    r = invoke("train", "--help")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0
+    for needle in ("--resume", "--weights", "--arch", "resnet8_small", "Ctrl-C", "--val-fraction"):
+        assert needle in text, needle
+
+
+def test_real_subprocess_trains_and_ctrl_c_saves_a_resumable_run(shapes: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("retrieve")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "retrieval"]
+    run = tmp_path / "run"
+    args = [*cmd, "train", str(shapes), "--arch", "lenet", "--epochs", "500", "--out", str(run)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # wait for the first finished epoch, then press Ctrl-C
+        lines.append(line)
+        if line.lstrip().startswith("epoch") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"retrieve train --resume {run}" in " ".join(err.split())
+    state = load_checkpoint(run / "last.pt").extra["resume"]
+    assert state["epoch"] >= 1 and (run / "best.pt").is_file()
+
+    # Continue it for a short schedule: the real CLI accepts --resume alone.
+    env = dict(os.environ)
+    done = subprocess.run(
+        [*cmd, "train", "--resume", str(run), "--stop-after-epochs", str(state["epoch"] + 1)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"epoch {state['epoch'] + 1:>3d}/500" in done.stderr
