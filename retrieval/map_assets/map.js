@@ -89,7 +89,9 @@
   let sizeExp = 0;
   const baseWorld = Math.min(0.08, Math.max(0.002, 0.9 / Math.sqrt(Math.max(N, 1))));
   const thumbPx = () => baseWorld * Math.pow(2, sizeExp) * scale;
-  const BUDGET = 4000; // thumbnails per frame; the rest stay dots, so a frame stays well under 50 ms
+  // Thumbnails per frame; the rest stay dots. A thumbnail costs ~7 us in software-rasterised
+  // headless Chromium and 100k dots ~9 ms, so 2500 keeps a frame near 25 ms (bench/map.py).
+  const BUDGET = 2500;
 
   function resize() {
     const r = canvas.getBoundingClientRect();
@@ -165,7 +167,7 @@
   let focus = -1;
 
   // ---- rendering ----------------------------------------------------------------------------
-  const stats = { drawn: 0, thumbs: 0, frames: 0, firstPaintMs: null, lastMs: 0 };
+  const stats = { drawn: 0, thumbs: 0, frames: 0, firstPaintMs: null, lastMs: 0, phases: [0, 0, 0] };
   const frameTimes = [];
   const cand = new Uint32Array(BUDGET);
   let pending = false;
@@ -214,16 +216,40 @@
       if (hitList.length < 200000) for (const i of hitList) mark(i, HIT);
       for (const i of selection) mark(i, SEL);
     }
-    ctx.putImageData(image, 0, 0);
-    let thumbs = 0;
-    if (useThumbs) {
-      const border = s >= 16 ? Math.max(1, Math.round(s * 0.05)) : 0;
+    // Class-coloured frames of the thumbnails go into the pixel buffer too: a fillStyle change and a
+    // fillRect per thumbnail cost about as much as the image itself. The thumbnail drawn on top
+    // covers the inside of its frame; overlapping neighbours may cover the rest.
+    const border = useThumbs && s >= 16 ? Math.max(1, Math.round(s * 0.05)) : 0;
+    if (border) {
+      const span = Math.round(s) + 2 * border;
       for (let c = 0; c < nc; c++) {
         const i = cand[c];
-        const x = toScreenX(i) - half, y = toScreenY(i) - half;
-        ctx.globalAlpha = hits && !hits[i] ? 0.2 : 1;
-        if (border) { ctx.fillStyle = css[groupOf[i]]; ctx.fillRect(x - border, y - border, s + 2 * border, s + 2 * border); }
-        if (drawThumb(ctx, i, x, y, s)) thumbs++;
+        const col = hits && !hits[i] ? packedDim[groupOf[i]] : packed[groupOf[i]];
+        const bx = Math.round(toScreenX(i) - half) - border, by = Math.round(toScreenY(i) - half) - border;
+        const x0 = Math.max(0, bx), x1 = Math.min(W, bx + span), y0 = Math.max(0, by), y1 = Math.min(H, by + span);
+        for (let yy = y0; yy < y1; yy++) {
+          const row = yy * W;
+          if (yy < by + border || yy >= by + span - border) {
+            for (let xx = x0; xx < x1; xx++) pixels[row + xx] = col;
+          } else {
+            for (let xx = x0; xx < Math.min(x1, bx + border); xx++) pixels[row + xx] = col;
+            for (let xx = Math.max(x0, bx + span - border); xx < x1; xx++) pixels[row + xx] = col;
+          }
+        }
+      }
+    }
+    const t1 = performance.now();
+    ctx.putImageData(image, 0, 0);
+    const t2 = performance.now();
+    let thumbs = 0;
+    if (useThumbs) {
+      let alpha = 1;
+      for (let c = 0; c < nc; c++) {
+        const i = cand[c];
+        const x = Math.round(toScreenX(i) - half), y = Math.round(toScreenY(i) - half);
+        const a = hits && !hits[i] ? 0.2 : 1;
+        if (a !== alpha) { ctx.globalAlpha = a; alpha = a; }
+        if (drawThumb(ctx, i, x, y, Math.round(s))) thumbs++;
         else { ctx.fillStyle = css[groupOf[i]]; ctx.fillRect(x, y, s, s); }
       }
       ctx.globalAlpha = 1;
@@ -262,6 +288,7 @@
       ctx.closePath(); ctx.fill(); ctx.stroke();
     }
     stats.drawn = drawn; stats.thumbs = thumbs; stats.frames++;
+    stats.phases = [t1 - t0, t2 - t1, performance.now() - t2]; // dots, putImageData, thumbnails and marks
     const ms = performance.now() - t0;
     stats.lastMs = ms;
     frameTimes.push(ms);
@@ -590,6 +617,7 @@
     atlasesLoaded: { get: () => atlasesLoaded, enumerable: true },
     firstPaintMs: { get: () => stats.firstPaintMs, enumerable: true },
     frameTimes: { get: () => frameTimes.slice(), enumerable: true },
+    lastPhases: { get: () => stats.phases.slice(), enumerable: true },
     selection: { get: () => selection.slice(), enumerable: true },
     focus: { get: () => focus, enumerable: true },
   });
