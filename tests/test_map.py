@@ -422,6 +422,29 @@ def test_legend_toggles_a_class(session: Session) -> None:
 
 
 @pytest.mark.browser
+def test_lasso_selects_the_points_inside_and_lists_their_paths(session: Session) -> None:
+    pos = np.array(session.js("Array.from({length: __map.shown}, (_, i) => __map.screenPos(i))"))
+    paths = session.js("Array.from({length: __map.shown}, (_, i) => __map.pathOf(i))")
+    lo, hi = np.percentile(pos, 20, axis=0), np.percentile(pos, 70, axis=0)
+    corners = [(lo[0], lo[1]), (hi[0], lo[1]), (hi[0], hi[1]), (lo[0], hi[1])]
+    m = session.page.mouse
+    session.page.keyboard.down("Shift")
+    m.move(*corners[0])
+    m.down()
+    for c in (*corners[1:], corners[0]):
+        m.move(*c, steps=8)
+    m.up()
+    session.page.keyboard.up("Shift")
+    inside = ((pos > lo + 1) & (pos < hi - 1)).all(1)
+    edge = ((pos > lo - 1) & (pos < hi + 1)).all(1) & ~inside  # within a pixel of the outline: either way
+    got = set(session.page.input_value("#selection-paths").splitlines())
+    assert (
+        {paths[i] for i in np.flatnonzero(inside)} <= got <= {paths[i] for i in np.flatnonzero(inside | edge)}
+    )
+    assert inside.sum() >= 10 and session.page.text_content("#selection-count") == f"{len(got)} selected"
+
+
+@pytest.mark.browser
 def test_screenshot_is_not_blank(session: Session) -> None:
     shot = np.asarray(Image.open(io.BytesIO(session.page.locator("#map").screenshot())).convert("RGB"))
     assert shot.shape[0] > 300 and shot.shape[1] > 300

@@ -605,6 +605,7 @@
       return g < 0 ? 0 : groupCount[g];
     },
     itemOf(path) { return paths.indexOf(path); },
+    pathOf(i) { return paths[i]; },
   };
   Object.defineProperties(hook, {
     drawn: { get: () => stats.drawn, enumerable: true },
