@@ -191,6 +191,7 @@ def _index(
     weights: str | None,
     config: DemoConfig,
     progress: DemoProgress,
+    name: str,
 ) -> bool:
     """Index a folder unless an index of it with the same weights is there; returns True when reused."""
     from pipelines.index_folder import build_index
@@ -206,7 +207,7 @@ def _index(
                 return True
         except Exception:  # an unreadable index is rebuilt below
             pass
-    progress.step(f"indexing {images} with {backbone or Path(str(weights)).parent.name} -> {index}")
+    progress.step(f"indexing {images} with {name} -> {index}")
     build_index(
         IndexConfig(images=images, index=index, backbone=backbone, weights=weights, device=config.device)
     )
@@ -259,8 +260,8 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
     test_indexes = {name: index_root / "test" / name for name in spaces}
     all_reused = True
     for name, (backbone, weights) in spaces.items():
-        all_reused &= _index(images / "train", indexes[name], backbone, weights, config, progress)
-        all_reused &= _index(images / "test", test_indexes[name], backbone, weights, config, progress)
+        all_reused &= _index(images / "train", indexes[name], backbone, weights, config, progress, name)
+        all_reused &= _index(images / "test", test_indexes[name], backbone, weights, config, progress, name)
     if all_reused:
         reused.append("indexes")
     seconds["index"] = time.perf_counter() - t
