@@ -342,3 +342,28 @@ def test_eval_without_index_uses_the_last_one(
     res = CliRunner().invoke(app, ["eval", "--json", "--k", "1"])
     assert res.exit_code == 0, res.output
     assert [r["space"] for r in json.loads(res.stdout)["spaces"]] == ["idx-lenet"]
+
+
+def test_neighbours_sheet_leave_one_out_never_shows_the_query_as_its_own_neighbour(
+    spaces: dict[str, Path], tmp_path: Path
+) -> None:
+    from retrieval.api import open_index
+    from retrieval.sheet import neighbour_blocks
+
+    idx = [open_index(spaces["pixels"]), open_index(spaces["lenet"])]
+    blocks = neighbour_blocks(idx, None, None, n=6, k=3)
+    assert len(blocks) == 6 and len({b.query.label for b in blocks}) == 3  # spread over the labels
+    for block in blocks:
+        for row in block.rows:
+            assert len(row.neighbours) == 3
+            assert block.query.name not in [c.name for c in row.neighbours]
+            assert [c.distance for c in row.neighbours] == sorted(c.distance for c in row.neighbours)
+            assert all(c.wrong == (c.label != block.query.label) for c in row.neighbours)
+    out = tmp_path / "loo.html"
+    res = CliRunner().invoke(
+        app, ["neighbours", str(spaces["pixels"]), "--n", "2", "--k", "2", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    parser = _Collect()
+    parser.feed(out.read_text())
+    assert parser.imgs == 2 * 1 * 3
