@@ -4,8 +4,10 @@ Hardware is printed in the header. Ratios are measured in one run, against basel
   forward-only  = the same model on pre-decoded tensors at the same batch size and runtime settings
   naive loop    = PIL open -> transform -> model(x[None]) one image at a time (same model, same runtime)
   memory        = peak RSS of a `retrieve index` subprocess for N1 vs N2 images (streamed shards)
+  dtypes        = forward-only img/s for float32/bf16 x contiguous/channels_last: how the CPU default
+                  (`device.resolve_runtime`) was chosen
 
-    python bench/extract.py [--n 2000] [--backbone resnet18] [--memory 2000,20000]
+    python bench/extract.py [--n 2000] [--backbone resnet18] [--memory 2000,20000] [--dtypes resnet18,resnet50]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from pipelines.index_folder import build_index
 from retrieval.backbones import load_backbone
 from retrieval.config import IndexConfig
-from retrieval.device import machine_summary, resolve_runtime
+from retrieval.device import Runtime, machine_summary, resolve_runtime
 from retrieval.embed import default_batch_size, forward, prepare_model
 from retrieval.images import Transform, load_tensor, open_image, scan
 from retrieval.samples import CLASSES, SampleConfig, make_samples
@@ -105,6 +107,34 @@ def bench_throughput(images: Path, backbone_name: str, batch_size: int | None, n
     )
 
 
+def bench_dtypes(backbones: list[str], batch_size: int, seconds: float = 8.0) -> None:
+    """Forward-only img/s on random uint8 batches for each dtype x memory format, on the CPU."""
+    cpu = torch.device("cpu")
+    for name in backbones:
+        backbone = load_backbone(name, "none")
+        transform = Transform(backbone.preprocess)
+        x = torch.randint(
+            0, 256, (batch_size, 3, backbone.preprocess.size, backbone.preprocess.size), dtype=torch.uint8
+        )
+        rates = {}
+        for dtype in (None, torch.bfloat16):
+            for channels_last in (False, True):
+                runtime = Runtime(device=cpu, autocast_dtype=dtype, channels_last=channels_last)
+                model = prepare_model(load_backbone(name, "none"), runtime)
+                forward(model, runtime, transform, x)  # warm-up (oneDNN primitive creation)
+                n, t = 0, time.perf_counter()
+                while time.perf_counter() - t < seconds:
+                    forward(model, runtime, transform, x)
+                    n += batch_size
+                rates[(dtype, channels_last)] = n / (time.perf_counter() - t)
+        base = rates[(None, False)]
+        cells = "  ".join(
+            f"{'bf16' if d else 'fp32'} {'channels_last' if cl else 'contiguous'} {r:6.1f} ({r / base:.2f}x)"
+            for (d, cl), r in rates.items()
+        )
+        print(f"dtypes {name} batch {batch_size}: {cells}")
+
+
 def bench_memory(root: Path, counts: list[int], backbone_name: str) -> None:
     for n in counts:
         images = make_jpegs(root / f"mem{n}", n)
@@ -134,12 +164,15 @@ def main() -> None:
     ap.add_argument(
         "--memory", default="2000,20000", help="image counts for the memory comparison ('' skips)"
     )
+    ap.add_argument("--dtypes", default="", help="backbones for the dtype x memory-format table ('' skips)")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "retrieve-bench-extract"))
     args = ap.parse_args()
     print(header())
     root = Path(args.data)
     images = make_jpegs(root / f"n{args.n}", args.n)
     bench_throughput(images, args.backbone, args.batch_size, args.naive)
+    if args.dtypes:
+        bench_dtypes(args.dtypes.split(","), args.batch_size or 32)
     if args.memory:
         bench_memory(root, [int(c) for c in args.memory.split(",")], args.backbone)
 
