@@ -597,8 +597,16 @@ def build_model(
     if pretrained is None:
         return spec.builder(num_classes, in_channels), None
     from retrieval.backbones import _load_imagenet, imagenet_preprocess
+    from retrieval.errors import WeightsUnavailableError
 
-    model = _load_imagenet(spec)
+    try:
+        model = _load_imagenet(spec)
+    except WeightsUnavailableError as exc:
+        # The registry's message ends with index flags; say what applies to training instead.
+        first = str(exc).split(", or use:")[0]
+        raise WeightsUnavailableError(
+            f"{first}.\n  Or train from scratch: drop --pretrained (small images: --arch resnet8_small)."
+        ) from None
     pre = imagenet_preprocess(spec)
     if getattr(model, "transform_input", False):
         # torchvision's ImageNet GoogLeNet re-normalises its input internally; the checkpoint is

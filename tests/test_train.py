@@ -362,3 +362,20 @@ def test_process_decode_equals_thread_decode(shapes: Path, tmp_path: Path, monke
     assert torch.equal(procs[0], threads[0]) and procs[0].shape == (41, 1, 24, 24)
     assert procs[1].tolist() == threads[1].tolist() and not procs[1][7]
     assert procs[2] == threads[2] and procs[2][0][0] == 7
+
+
+def test_missing_pretrained_weights_say_how_to_train_instead(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("offline")  # never download in a test
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    r = invoke("train", shapes, "--arch", "alexnet", "--pretrained", "imagenet", "--out", tmp_path / "r")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "not cached" in text and "drop --pretrained" in text, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "r" / "last.pt").exists()
