@@ -895,3 +895,8 @@ def test_cli_subprocess(checkpoints: dict[int, Path], tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "features.0: 6 filters of 1x5x5 (grey)" in proc.stdout and out.is_file()
+    # And a bad input through the real entry point: one line on stderr, exit 2, no traceback.
+    bad = [*cmd[:-1], "activations", str(out), "-w", str(checkpoints[1]), "-l", "conv9", "-o", str(out)]
+    proc = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: Unknown layer 'conv9'") and proc.stdout == ""
