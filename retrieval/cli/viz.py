@@ -173,8 +173,13 @@ def saliency_cli(
     ),
     device: DeviceOpt = "auto",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="float32 (default) or bfloat16/float16 autocast.")
-    ] = "float32",
+        str,
+        typer.Option(
+            "--dtype",
+            help="auto (bf16 autocast on GPUs and CPUs with native bf16, else float32), float32, "
+            "bfloat16 or float16.",
+        ),
+    ] = "auto",
 ) -> None:
     """Where in each image the class (or a unit of a layer) looks: PNG overlays and one HTML report."""
     from retrieval.visualise import SaliencyConfig, load_model, saliency_folder
