@@ -331,7 +331,7 @@ def main() -> None:
     args = parser.parse_args()
     defaults = {
         "overhead": (5, 128, None),
-        "samples": (40, 64, 3e-3),
+        "samples": (25, 64, 3e-3),
         "mnist": (8, 128, 3e-3),
         "cifar": (7, 256, 0.2),
         "speed": (1, 256, None),
