@@ -28,11 +28,7 @@ class IndexConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RetrieveError(f"Unknown IndexConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**known_keys(cls, d))
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -41,3 +37,12 @@ class IndexConfig:
             raise RetrieveError("shard rows must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise RetrieveError("workers must be 0 or more")
+
+
+def known_keys(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """`d` unchanged when every key is a field of the dataclass `cls`; else one clear error."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise RetrieveError(f"Unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    return d

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from retrieval.config import known_keys
 from retrieval.errors import RetrieveError, UnknownNameError
 
 if TYPE_CHECKING:
@@ -106,11 +107,7 @@ class MapConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MapConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RetrieveError(f"Unknown MapConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**known_keys(cls, d))
 
 
 def parse_grid(text: str) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from retrieval.backbones import BackboneSpec, Preprocess, get_spec
 from retrieval.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from retrieval.config import known_keys
 from retrieval.device import Runtime, resolve_runtime
 from retrieval.errors import BadImageError, CheckpointError, EmptyInputError, RetrieveError
 from retrieval.images import Transform, load_tensor, scan
@@ -107,10 +108,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RetrieveError(f"Unknown TrainConfig keys {unknown}; known: {sorted(known)}")
+        known_keys(cls, d)
         paths = {"data", "out", "resume"}
         return cls(**{k: (Path(v) if k in paths and v is not None else v) for k, v in d.items()})
 

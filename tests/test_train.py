@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +40,7 @@ runner = CliRunner()
 EPOCHS = 15
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Small nets: one thread is about as fast, and on a shared 2-core machine two OpenMP threads
-    # that spin-wait for each other were measured 5-10x slower (as in test_viz).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def invoke(*args: object):

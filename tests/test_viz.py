@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +47,7 @@ from retrieval.visualise.render import normalise01
 CPU = resolve_runtime("cpu", "float32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These nets are tiny: one thread is as fast, and on a shared 2-core machine two OpenMP threads
-    # that wait for each other were measured 10-20x slower. Restored for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------------------------
