@@ -14,7 +14,7 @@ from pipelines.demo import DemoConfig, run_demo
 from retrieval.cli import app
 
 # Small enough for the suite (about half a minute on 2 cores), large enough that features beat pixels.
-TINY = {"per_class": 300, "test_per_class": 12, "arch": "lenet", "epochs": 15}
+TINY = {"per_class": 500, "test_per_class": 12, "arch": "lenet", "epochs": 20}
 
 
 @pytest.fixture(scope="module")
