@@ -123,3 +123,13 @@ def test_killed_process_leaves_previous_index_readable_and_rerun_completes(tmp_p
     assert len(final) == 40
     hits = final.search_ids(["train/star/0004.png"], k=1, exclude_self=False)[0]
     assert hits[0].path == "train/star/0004.png" and hits[0].distance < 1e-4
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path: Path) -> None:
+    """mkstemp's 0600 must not leak into pages and indexes meant to be shared."""
+    from retrieval.atomic import atomic_write
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    written = atomic_write(tmp_path / "atomic", lambda fh: fh.write(b"x"))
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
