@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.errors import RetrieveError
+from retrieval.index import drop_self
 
 if TYPE_CHECKING:
     from retrieval.api import Index
@@ -174,17 +175,8 @@ def exact_neighbours(
     if queries is not None:
         return index.search(queries, k)
     dist, ids = index.search(db, k + 1)
-    return drop_self(dist, ids, np.arange(len(db)))
-
-
-def drop_self(dist: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own id from its k + 1 results (the last column where it is absent)."""
-    is_self = ids == self_ids[:, None]
-    is_self[~is_self.any(axis=1), -1] = True
-    is_self &= np.cumsum(is_self, axis=1) == 1  # exactly one dropped per row
-    keep = ~is_self
-    shape = (len(ids), ids.shape[1] - 1)
-    return dist[keep].reshape(shape), ids[keep].reshape(shape)
+    ids, dist = drop_self(ids, dist, np.arange(len(db)), k)
+    return dist, ids
 
 
 @dataclass(frozen=True)
@@ -268,7 +260,7 @@ def evaluate_vectors(
         stop = min(start + block, len(q_vecs))
         if loo:
             dist, ids = searcher.search(q_vecs[start:stop], depth + 1)
-            dist, ids = drop_self(dist, ids, np.arange(start, stop))
+            ids, dist = drop_self(ids, dist, np.arange(start, stop), depth)
         else:
             dist, ids = searcher.search(q_vecs[start:stop], depth)
         qc, nr = q_codes[start:stop], n_rel[start:stop]

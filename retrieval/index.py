@@ -99,3 +99,22 @@ class ExactIndex:
         except RuntimeError as exc:
             raise RetrieveError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from None
         return obj
+
+
+def drop_self(
+    ids: np.ndarray, dist: np.ndarray, self_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Leave each query's own id out of its row of k + 1 results (the last one when it is absent).
+
+    Shared by leave-one-out evaluation and the map's neighbour lists; exactly
+    `Index.search_ids(exclude_self=True)`: a duplicate image ranked ahead of the query
+    itself stays; missing neighbours (-1) are dropped; rows are padded with -1 / inf.
+    """
+    keep = (ids != self_ids[:, None]) & (ids >= 0)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept columns first, in rank order
+    out_ids = np.take_along_axis(ids, order, axis=1)
+    out_d = np.take_along_axis(dist, order, axis=1).astype(np.float32)
+    kept = np.take_along_axis(keep, order, axis=1)
+    out_ids[~kept] = -1
+    out_d[~kept] = np.inf
+    return out_ids, out_d

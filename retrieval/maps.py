@@ -23,6 +23,7 @@ import numpy as np
 
 from retrieval.config import known_keys
 from retrieval.errors import RetrieveError, UnknownNameError
+from retrieval.index import drop_self
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -185,24 +186,6 @@ def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     d, ids = index.search(x, k + 1)
     ids, d = drop_self(ids, d, np.arange(len(x)), k)
     return ids, np.sqrt(np.maximum(d, 0)).astype(np.float64)
-
-
-def drop_self(
-    ids: np.ndarray, dist: np.ndarray, self_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Leave each query's own id out of its row of k + 1 results (the last one when it is absent).
-
-    Exactly `Index.search_ids(exclude_self=True)`: a duplicate image ranked ahead of the query
-    itself stays; missing neighbours (-1) are dropped; rows are padded with -1 / inf.
-    """
-    keep = (ids != self_ids[:, None]) & (ids >= 0)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept columns first, in rank order
-    out_ids = np.take_along_axis(ids, order, axis=1)
-    out_d = np.take_along_axis(dist, order, axis=1).astype(np.float32)
-    kept = np.take_along_axis(keep, order, axis=1)
-    out_ids[~kept] = -1
-    out_d[~kept] = np.inf
-    return out_ids, out_d
 
 
 def _tsne(x: np.ndarray, p: ProjectionParams, jobs: int, principal: bool = True) -> np.ndarray:

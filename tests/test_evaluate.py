@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from retrieval import evaluate as ev
 from retrieval.cli import app
 from retrieval.errors import RetrieveError
+from retrieval.index import drop_self
 
 # --------------------------------------------------------------------------------------------
 # Hand-computed cases
@@ -47,7 +48,7 @@ def test_recall_vs_exact_and_drop_self() -> None:
     # Row 0 finds itself second (a duplicate came first); row 1 does not find itself at all.
     dist = np.array([[0.0, 0.0, 1.0], [0.0, 2.0, 3.0]])
     ids = np.array([[4, 0, 7], [5, 6, 8]])
-    d, i = ev.drop_self(dist, ids, np.array([0, 1]))
+    i, d = drop_self(ids, dist, np.array([0, 1]), 2)
     assert i.tolist() == [[4, 7], [5, 6]]
     assert d.tolist() == [[0.0, 1.0], [0.0, 2.0]]
 
