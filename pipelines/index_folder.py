@@ -73,7 +73,9 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
     with timer.stage("load model"):
         runtime = resolve_runtime(config.device, config.dtype)
         backbone = load_backbone(config.backbone, config.weights, config.layer)
-        progress.note(f"device: {runtime.describe()}")
+        # The pixel baseline is a resize and a flatten: no network, so no autocast or memory format.
+        device = runtime.describe() if backbone.spec.builder else runtime.device.type
+        progress.note(f"device: {device}")
         progress.note(
             f"backbone: {backbone.spec.name} ({backbone.layer or 'pixels'}) {backbone.dim}-d, "
             f"weights {backbone.weights.id}"
@@ -175,7 +177,7 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
         embedded=embedded,
         skipped=manifest["counts"]["skipped"],
         seconds=time.perf_counter() - t0,
-        device=runtime.describe(),
+        device=device,
         backbone=backbone.spec.name,
         dim=backbone.dim,
         stages=dict(timer.seconds),
