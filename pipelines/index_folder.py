@@ -49,7 +49,6 @@ def _reason_kind(reason: str) -> str:
 
 def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexReport:
     """Index every image below `config.images` into `config.index`; resumes an interrupted run."""
-    import torch
 
     from retrieval import __version__
     from retrieval.backbones import load_backbone
@@ -139,9 +138,8 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
     embedded = 0
     if todo:
         progress.start(len(entries), reused, f"embedding with {backbone.spec.name}")
-        # Scoped, never global: a library call must not leave autograd off for its caller.
-        grad_was_enabled = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
+        # No autograd switch here: `forward` runs under inference_mode, and a global switch leaked to
+        # the caller (training after indexing in one process broke).
         try:
             for batch in timer.timed("read", iter_batches(todo, transform, runtime, batch_size, workers)):
                 with timer.stage("map"):
@@ -154,7 +152,6 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
             # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.
             staging.flush()
             progress.stop()
-            torch.set_grad_enabled(grad_was_enabled)
 
     with timer.stage("commit"):
         manifest = commit(

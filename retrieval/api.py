@@ -162,21 +162,25 @@ class Index:
         """Neighbours of each row of `x` (already embedded with this index's backbone)."""
         x = np.atleast_2d(np.asarray(x, np.float32))
         dist, ids = self.searcher.search(x, min(k, len(self)))
+        return self._hits(ids, dist)
+
+    def _hits(self, ids: np.ndarray, dist: np.ndarray) -> list[list[Hit]]:
         return [
-            [self.hit(r + 1, i, d) for r, (i, d) in enumerate(zip(ids[q], dist[q], strict=True)) if i >= 0]
-            for q in range(len(x))
+            [self.hit(r + 1, i, d) for r, (i, d) in enumerate(zip(row_ids, row_d, strict=True)) if i >= 0]
+            for row_ids, row_d in zip(ids, dist, strict=True)
         ]
 
     def search_ids(self, refs: list[str | int], k: int = 10, exclude_self: bool = True) -> list[list[Hit]]:
         """Neighbours of images already in the index, by id or path; the image itself is left out."""
-        ids = [self.id_of(r) for r in refs]
+        from retrieval.index import drop_self
+
+        ids = np.array([self.id_of(r) for r in refs], dtype=np.int64)
         x = np.asarray(self.vectors()[ids], dtype=np.float32)
-        extra = 1 if exclude_self else 0
-        out = []
-        for i, hits in zip(ids, self.search_vectors(x, k + extra), strict=True):
-            kept = [h for h in hits if not (exclude_self and h.id == i)][:k]
-            out.append([Hit(r + 1, h.id, h.distance, h.path, h.label) for r, h in enumerate(kept)])
-        return out
+        if not exclude_self:
+            return self.search_vectors(x, k)
+        dist, nb = self.searcher.search(x, min(k + 1, len(self)))
+        nb, dist = drop_self(nb, dist, ids, k)
+        return self._hits(nb, dist)
 
     def embed(self, paths: list[str | os.PathLike], device: str = "auto") -> np.ndarray:
         """Embed image files exactly as the database was: same backbone, weights and preprocessing."""

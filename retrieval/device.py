@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import platform
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +100,6 @@ def cpu_has_native_bf16() -> bool:
 
 def machine_summary() -> str:
     """One line naming date, CPU, cores, GPU and versions: the header every benchmark prints."""
-    import os
-    import platform
-    import time
-
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

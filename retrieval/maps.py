@@ -23,7 +23,7 @@ import numpy as np
 
 from retrieval.config import known_keys
 from retrieval.errors import RetrieveError, UnknownNameError
-from retrieval.index import drop_self
+from retrieval.index import ExactIndex, drop_self
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -178,14 +178,9 @@ def pca(x: np.ndarray, n_components: int, seed: int = 0) -> tuple[np.ndarray, np
 
 def _exact_knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of every row among the others: (ids int64, Euclidean distances)."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    d, ids = index.search(x, k + 1)
+    d, ids = ExactIndex(metric="l2").fit(x).search(x, k + 1)  # Euclidean, inf where missing
     ids, d = drop_self(ids, d, np.arange(len(x)), k)
-    return ids, np.sqrt(np.maximum(d, 0)).astype(np.float64)
+    return ids, d.astype(np.float64)
 
 
 def _tsne(x: np.ndarray, p: ProjectionParams, jobs: int, principal: bool = True) -> np.ndarray:
