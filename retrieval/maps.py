@@ -26,8 +26,6 @@ from retrieval.errors import RetrieveError, UnknownNameError
 from retrieval.index import ExactIndex, drop_self
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from retrieval.api import Index
 
 METHODS = ("tsne", "umap", "pca")
@@ -410,31 +408,8 @@ def grid_assign(
 # Thumbnails and sprite atlases
 
 
-def placeholder(size: int) -> np.ndarray:
-    """A grey tile with a cross: what a missing or unreadable image looks like on the map."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), (205, 205, 205))
-    d = ImageDraw.Draw(img)
-    m, w = size // 4, max(1, size // 16)
-    d.line((m, m, size - m, size - m), fill=(120, 120, 120), width=w)
-    d.line((m, size - m, size - m, m), fill=(120, 120, 120), width=w)
-    return np.asarray(img)
-
-
-def square_thumbnail(img: Image.Image, size: int) -> np.ndarray:
-    """Centre crop to a square, then a high-quality downscale to size x size RGB."""
-    from PIL import Image
-
-    w, h = img.size
-    s = min(w, h)
-    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    out = img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=2.0)
-    return np.asarray(out)
-
-
 def _thumb_job(args: tuple[str, int]) -> tuple[bytes, bool]:
-    from retrieval.images import open_image
+    from retrieval.images import open_image, placeholder, square_thumbnail
 
     path, size = args
     try:

@@ -127,24 +127,16 @@ def neighbour_blocks(
 
 
 def thumbnail(file: Path, size: int = THUMB) -> Image.Image:
-    """A centre-cropped square RGB thumbnail, or a grey tile with a cross when the file is unreadable."""
-    from PIL import Image, ImageDraw
+    """A centre-cropped square RGB thumbnail, or the grey placeholder tile when the file is unreadable."""
+    from PIL import Image
 
     from retrieval.errors import BadImageError
-    from retrieval.images import open_image
+    from retrieval.images import open_image, placeholder, square_thumbnail
 
     try:
-        img = open_image(file)
+        return Image.fromarray(square_thumbnail(open_image(file), size))
     except (BadImageError, OSError):
-        tile = Image.new("RGB", (size, size), (200, 200, 200))
-        draw = ImageDraw.Draw(tile)
-        draw.line((0, 0, size, size), fill=(120, 120, 120), width=2)
-        draw.line((0, size, size, 0), fill=(120, 120, 120), width=2)
-        return tile
-    w, h = img.size
-    side = min(w, h)
-    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    return img.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+        return Image.fromarray(placeholder(size))
 
 
 def _data_uri(img: Image.Image) -> str:
