@@ -51,13 +51,14 @@ def bench_samples(args: argparse.Namespace) -> None:
 
 
 def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, flip: bool) -> None:
-    from pipelines.index_folder import build_index
-    from retrieval.api import open_index
-    from retrieval.config import IndexConfig
-    from retrieval.evaluate import evaluate_indexes
     from retrieval.train import TrainConfig, train
 
     work = data.parent / f"{data.name}-quality"
+    if args.weights:
+        # A checkpoint trained elsewhere on the train split only (e.g. `bench/train.py cifar --full`'s
+        # last.pt: the final epoch, not picked by its test accuracy).
+        _index_and_eval(data, work, args.arch, Path(args.weights))
+        return
     t = time.perf_counter()
     result = train(
         TrainConfig(
@@ -80,11 +81,17 @@ def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, 
         f"trained {args.arch} {result.epochs_completed} epochs in {train_s:.0f}s "
         f"({last.images_per_s:,.0f} img/s, final train accuracy {last.train_acc:.1%})"
     )
+    _index_and_eval(data, work, args.arch, result.best_checkpoint)
+
+
+def _index_and_eval(data: Path, work: Path, arch: str, checkpoint: Path) -> None:
+    from pipelines.index_folder import build_index
+    from retrieval.api import open_index
+    from retrieval.config import IndexConfig
+    from retrieval.evaluate import evaluate_indexes
+
     indexes = []
-    for name, backbone, weights in [
-        ("pixels", "pixels", None),
-        (args.arch, None, str(result.best_checkpoint)),
-    ]:
+    for name, backbone, weights in [("pixels", "pixels", None), (arch, None, str(checkpoint))]:
         t = time.perf_counter()
         r = build_index(
             IndexConfig(images=data / "test", index=work / f"idx-{name}", backbone=backbone, weights=weights)
@@ -181,6 +188,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--arch", default="resnet8_small")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--weights", default=None, help="cifar10/mnist: evaluate this checkpoint, no training"
+    )
     parser.add_argument("--train-per-class", type=int, default=None, help="subset of the train split")
     parser.add_argument("--n", type=int, default=50_000, help="synthetic: vectors")
     parser.add_argument("--workdir", default=None, help="samples: demo folder (reused when it exists)")

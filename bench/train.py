@@ -33,8 +33,8 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 class Curve(TrainReporter):
     """Prints each epoch; optionally stops the run (like Ctrl-C) once `target` or `budget` is hit."""
 
-    def __init__(self, target: float | None = None, budget: float | None = None) -> None:
-        self.target, self.budget = target, budget
+    def __init__(self, target: float | None = None, budget: float | None = None, stop: bool = True) -> None:
+        self.target, self.budget, self.stop = target, budget, stop
         self.t0 = time.perf_counter()
         self.rows: list[dict] = []
         self.reached: float | None = None
@@ -55,12 +55,12 @@ class Curve(TrainReporter):
         if self.target is not None and self.reached is None and (s.val_acc or 0) >= self.target:
             self.reached = wall
         over = self.budget is not None and wall > self.budget
-        if over or (self.reached is not None and self.target is not None):
+        if over or (self.stop and self.reached is not None and self.target is not None):
             signal.raise_signal(signal.SIGINT)  # the loop's own clean stop: finish, save, return
 
 
-def run_curve(config: TrainConfig, target: float | None, budget: float | None) -> dict:
-    curve = Curve(target, budget)
+def run_curve(config: TrainConfig, target: float | None, budget: float | None, stop: bool = True) -> dict:
+    curve = Curve(target, budget, stop)
     result = train(config, curve)
     return {
         "arch": config.arch,
@@ -250,10 +250,16 @@ def cifar(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         optimizer="sgd",
         lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        crop_pad=args.crop_pad,
+        tta=args.tta,
         workers=args.workers,
         compile=args.compile,
     )
-    return run_curve(config, args.target, args.budget)
+    return run_curve(config, args.target, args.budget, stop=not args.full)
 
 
 def speed(args: argparse.Namespace) -> dict:
@@ -324,6 +330,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--full", action="store_true", help="cifar: run the whole schedule past the target")
+    parser.add_argument("--crop-pad", type=int, default=None)
+    parser.add_argument("--tta", action="store_true", help="cifar: flip test-time augmentation at validation")
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle"])
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--target", type=float, default=0.9, help="samples/cifar: val accuracy target")
     parser.add_argument("--per-class", type=int, default=1000, help="samples mode: training images per class")

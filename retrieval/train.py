@@ -59,6 +59,8 @@ class TrainConfig:
     augment: str = "auto"  # "crop" (reflect-pad + random crop), "rrc" (random resized crop), "none"; auto:
     # crop up to 64 px (small images have no room to zoom), rrc above
     flip: bool = True  # random horizontal flips (turn off for digits and text)
+    crop_pad: int | None = None  # crop augmentation: largest shift in px; None = size // 8 (4 px at 32)
+    tta: bool = False  # validate on the mean logits of each image and its mirror (needs flip)
     val_fraction: float = 0.1  # held-out share per class when the folder has no val/test split
     seed: int = 0  # seeds the split, init, shuffling and augmentation: same seed, same run on one machine
     deterministic: bool = (
@@ -99,6 +101,10 @@ class TrainConfig:
             raise RetrieveError("--image-size must be at least 8.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise RetrieveError("--label-smoothing must be in [0, 1).")
+        if self.crop_pad is not None and self.crop_pad < 0:
+            raise RetrieveError("--crop-pad must be 0 or more pixels.")
+        if self.tta and not self.flip:
+            raise RetrieveError("--tta averages each image with its mirror; it needs --flip.")
         if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
             raise RetrieveError("--stop-after-epochs must be at least 1.")
 
@@ -688,8 +694,10 @@ class StepRunner:
         label_smoothing: float = 0.0,
         grad_clip: float | None = None,
         compile: bool = False,
+        tta: bool = False,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.tta = tta
         self.runtime, self.augment = runtime, augment
         self.grad_clip = grad_clip
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -731,8 +739,11 @@ class StepRunner:
         order = torch.arange(len(source))
         try:
             for x, y in source.batches(order, batch_size):
+                inputs = self.augment.eval(x)
                 with self.runtime.autocast():
-                    logits = self.forward(self.augment.eval(x)).float()
+                    logits = self.forward(inputs).float()
+                    if self.tta:  # the mirror is as likely as the original under flip training
+                        logits = (logits + self.forward(inputs.flip(-1)).float()) / 2
                 loss_sum += F.cross_entropy(logits, y, reduction="sum")
                 confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
         finally:
@@ -1005,7 +1016,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
     augment = Augment(
         mode=mode,
         size=size,
-        pad=max(1, size // 8),
+        pad=max(1, size // 8) if config.crop_pad is None else config.crop_pad,
         flip=config.flip,
         mean=pre.mean[:channels],
         std=pre.std[:channels],
@@ -1022,6 +1033,9 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _probe(model, spec.name, channels, size, runtime)
+    if ckpt is None and config.pretrained is None and hasattr(model, "init_from_data"):
+        # Data-dependent init (AirNet's whitened stem); a resumed run restores it from the checkpoint.
+        _init_from_data(model, train_src, augment, config.seed)
 
     bs = config.batch_size
     n_train = len(train_src)
@@ -1039,6 +1053,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         config.label_smoothing,
         config.grad_clip,
         config.compile,
+        config.tta,
     )
 
     start_epoch, start_step = 0, 0
@@ -1239,6 +1254,16 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         preprocess=pre,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _init_from_data(
+    model: nn.Module, source: ImageSource, augment: Augment, seed: int, n: int = 5000
+) -> None:
+    """Hand `model.init_from_data` up to `n` seeded training images, normalised as for evaluation."""
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+    chunks = [x for x, _ in source.batches(order, 500)]
+    x = augment.eval(torch.cat(chunks))
+    model.init_from_data(x)  # type: ignore[operator]
 
 
 def _probe(model: nn.Module, name: str, channels: int, size: int, runtime: Runtime) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from pipelines.index_folder import build_index
@@ -27,6 +28,7 @@ from retrieval.samples import SampleConfig, make_samples
 from retrieval.train import (
     Augment,
     EpochStats,
+    ImageSource,
     StepRunner,
     TrainConfig,
     TrainReporter,
@@ -173,6 +175,92 @@ def test_resume_after_an_interrupted_epoch_reproduces_the_uninterrupted_run(
     wb = load_checkpoint(resumed.last_checkpoint).state_dict
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-4)
+
+
+def test_airnet_stem_whitens_the_patches_it_was_shown() -> None:
+    from retrieval.models import AirNet
+
+    # Strongly correlated colour channels and neighbouring pixels: far from white.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 3, 17, 17, generator=g)
+    x = torch.einsum("ij,njhw->nihw", torch.tensor([[1.0, 0.9, 0.8], [0.0, 0.5, 0.4], [0.0, 0.0, 0.2]]), base)
+    x = (x[..., 1:, 1:] + x[..., :-1, :-1]) / 2
+    model = AirNet(10, 3)
+    model.init_from_data(x)
+    # Oracle in float64 numpy: second moment of every 2x2 patch, flattened like a conv kernel (c, kh, kw).
+    xn = x.double().numpy()
+    patches = np.stack(
+        [xn[:, :, i : i + 2, j : j + 2].reshape(len(xn), -1) for i in range(15) for j in range(15)], 1
+    ).reshape(-1, 12)
+    moment = patches.T @ patches / len(patches)
+    w = model.stem.weight.double().reshape(24, 12).numpy()
+    white = w[:12] @ moment @ w[:12].T
+    # Decorrelated, each direction scaled to unit variance up to the eps regulariser: lambda / (lambda + eps).
+    lam = np.linalg.eigvalsh(moment)
+    np.testing.assert_allclose(np.sort(np.diag(white)), np.sort(lam / (lam + 5e-4)), atol=1e-3)
+    np.testing.assert_allclose(white - np.diag(np.diag(white)), 0, atol=1e-3)
+    assert np.diag(white).min() > 0.5 and lam.max() / lam.min() > 100  # the input really was coloured
+    np.testing.assert_allclose(w[12:], -w[:12])  # both signs survive the GELU
+    assert not model.stem.weight.requires_grad
+
+
+def test_training_airnet_whitens_its_stem_once_and_resume_keeps_it(shapes: Path, tmp_path: Path) -> None:
+    base = dict(
+        data=shapes,
+        arch="airnet_small",
+        channels=1,
+        epochs=2,
+        batch_size=100,
+        workers=1,
+        crop_pad=2,
+        tta=True,
+    )
+    cut = train(TrainConfig(out=tmp_path / "r", **base), _CtrlCAt(epoch=1, step=3))
+    assert cut.interrupted
+    stem_cut = load_checkpoint(tmp_path / "r" / "last.pt").state_dict["stem.weight"]
+    torch.manual_seed(0)
+    fresh = get_spec("airnet_small").builder(8, 1).state_dict()["stem.weight"]
+    assert not torch.allclose(stem_cut, fresh)  # the data-dependent init ran before training
+    resumed = train(TrainConfig(data=None, out=None, resume=tmp_path / "r"))
+    assert not resumed.interrupted and resumed.epochs_completed == 2
+    final = load_checkpoint(resumed.last_checkpoint).state_dict
+    torch.testing.assert_close(final["stem.weight"], stem_cut)  # frozen, and not re-whitened on resume
+    assert not torch.equal(final["stem.bias"], torch.zeros_like(final["stem.bias"]))  # the bias learns
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["augment"]["pad"] == 2
+
+
+def test_flip_tta_validates_on_the_mean_logits_of_image_and_mirror() -> None:
+    from retrieval.backbones import Preprocess
+    from retrieval.images import Transform
+
+    torch.manual_seed(0)
+    model = get_spec("resnet8_small").builder(4, 3).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    source = ImageSource([], [], Transform(Preprocess(size=32, resize=32)), 1, False, torch.device("cpu"))
+    source.images, source.labels = x, y
+    augment = Augment("crop", 32, 2, True, (0.5,) * 3, (0.25,) * 3, False)
+    runtime = resolve_runtime("cpu", "float32")
+    results = {}
+    for tta in (False, True):
+        step = StepRunner(model, torch.optim.SGD(model.parameters(), lr=0.0), None, runtime, augment, tta=tta)
+        results[tta] = step.evaluate(source, 16, 4)
+    # Oracle: the same logits computed by hand (evaluate() hands the model back in train mode).
+    model.eval()
+    with torch.no_grad():
+        inputs = augment.eval(x)
+        plain, mirrored = model(inputs), model(inputs.flip(-1))
+    for tta, logits in ((False, plain), (True, (plain + mirrored) / 2)):
+        loss, acc, conf = results[tta]
+        assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+        assert loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+        assert conf.sum() == 40
+    assert results[True][0] != pytest.approx(results[False][0], rel=1e-5)  # the mirror really was used
+    with pytest.raises(RetrieveError, match="--flip"):
+        TrainConfig(data=Path("."), out=Path("."), tta=True, flip=False)
+    with pytest.raises(RetrieveError, match="--crop-pad"):
+        TrainConfig(data=Path("."), out=Path("."), crop_pad=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,22 @@ def train_cli(
     flip: Annotated[
         bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=_DATA)
     ] = True,
+    crop_pad: Annotated[
+        int | None,
+        typer.Option(
+            help="Crop augmentation: largest shift in px. (default: a 1/8 of the side, 4 px at 32)",
+            show_default=False,
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Validate on the mean of each image's and its mirror's logits.",
+            rich_help_panel=_DATA,
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option(rich_help_panel=_OPT)] = 128,
     optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.", rich_help_panel=_OPT)] = "sgd",
     lr: Annotated[
@@ -171,6 +187,8 @@ def train_cli(
         grad_clip=grad_clip,
         augment=augment,
         flip=flip,
+        crop_pad=crop_pad,
+        tta=tta,
         val_fraction=val_fraction,
         seed=seed,
         deterministic=deterministic,
