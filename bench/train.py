@@ -3,7 +3,8 @@
     python bench/train.py overhead            # steps/s: train() vs a bare loop, same model/batch/data
     python bench/train.py samples             # small ResNet on the generated shapes, to its target
     python bench/train.py mnist  [--budget S] # LeNet-5 on MNIST (../shared/datasets/mnist.npz), to 99%
-    python bench/train.py cifar  [--budget S] # small ResNet on CIFAR-10 (cifar10-jpg.tar), to 90%
+    python bench/train.py cifar  [--budget S] # --arch on CIFAR-10 (cifar10-jpg.tar), to 90%; recipe flags
+                                              # and the airnet_small run: see bench/RESULTS.md
     python bench/train.py speed               # training images/s of resnet18/50 at 224 px (GPU)
 
 Run each under `flock /tmp/cpu.lock` on a shared machine. Every mode prints `machine_summary()`

@@ -456,21 +456,38 @@ def test_registry_vgg_filters_saliency_dream(vgg: VizModel) -> None:
 
 
 def _relu_calls(gm: torch.fx.GraphModule) -> tuple[int, int]:
-    """(plain ReLU applications, guided ones) in a traced graph, whatever form they take."""
-    from retrieval.visualise.probe import GuidedReLU, guided_relu
+    """(plain ReLU/GELU applications, guided ones) in a traced graph, whatever form they take."""
+    from retrieval.visualise.probe import GuidedGELU, GuidedReLU, guided_gelu, guided_relu
 
     modules = dict(gm.named_modules())
     plain = guided = 0
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            plain += type(modules[node.target]) is nn.ReLU
-            guided += isinstance(modules[node.target], GuidedReLU)
+            plain += type(modules[node.target]) in (nn.ReLU, nn.GELU)
+            guided += isinstance(modules[node.target], GuidedReLU | GuidedGELU)
         elif node.op == "call_function":
-            plain += node.target in (F.relu, torch.relu, torch.relu_, F.relu_)
-            guided += node.target is guided_relu
+            plain += node.target in (F.relu, torch.relu, torch.relu_, F.relu_, F.gelu)
+            guided += node.target in (guided_relu, guided_gelu)
         elif node.op == "call_method":
             plain += node.target in ("relu", "relu_")
     return plain, guided
+
+
+def test_guided_gelu_keeps_positive_gradients_times_the_gelu_derivative() -> None:
+    from retrieval.visualise.probe import GuidedGELU
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, generator=g, dtype=torch.float64) * 3
+    up = torch.randn(200, generator=g, dtype=torch.float64)
+    # Oracle: autograd's own GELU derivative, applied to the positive part of the incoming gradient.
+    xa = x.clone().requires_grad_(True)
+    (local,) = torch.autograd.grad(F.gelu(xa), xa, torch.ones_like(x))
+    xg = x.clone().requires_grad_(True)
+    out = GuidedGELU()(xg)
+    torch.testing.assert_close(out, F.gelu(x))
+    out.backward(up)
+    torch.testing.assert_close(xg.grad, local * up.clamp(min=0))
+    assert (xg.grad[up < 0] == 0).all() and (xg.grad[(up > 0) & (x > 1)] > 0).all()
 
 
 def test_every_registry_convnet_traces_with_every_relu_guided() -> None:
@@ -485,11 +502,11 @@ def test_every_registry_convnet_traces_with_every_relu_guided() -> None:
         spec = get_spec(name)
         with torch.device("meta"):
             model = spec.builder(spec.num_classes, 3).eval()
-        relu_modules = sum(type(m) is nn.ReLU for m in model.modules())
+        relu_modules = sum(type(m) in (nn.ReLU, nn.GELU) for m in model.modules())
         probe = Probe(model, ["conv1"], guided=True)
         plain, guided = _relu_calls(probe.body)
         assert plain == 0 and guided >= max(1, relu_modules), (name, plain, guided, relu_modules)
-        assert sum(type(m) is nn.ReLU for m in model.modules()) == relu_modules, name
+        assert sum(type(m) in (nn.ReLU, nn.GELU) for m in model.modules()) == relu_modules, name
 
 
 # --------------------------------------------------------------------------------------------

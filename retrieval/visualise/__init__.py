@@ -14,6 +14,7 @@ from retrieval.visualise.features import (
     top_patches,
 )
 from retrieval.visualise.probe import (
+    GuidedGELU,
     GuidedReLU,
     Probe,
     Target,
@@ -40,6 +41,7 @@ __all__ = [
     "DreamConfig",
     "DreamResult",
     "FilterGrid",
+    "GuidedGELU",
     "GuidedReLU",
     "Patch",
     "Probe",

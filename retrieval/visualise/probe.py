@@ -132,6 +132,41 @@ class GuidedReLU(nn.Module):
         return _GuidedReLUFunction.apply(x)
 
 
+class _GuidedGELUFunction(torch.autograd.Function):
+    """GELU forward; backward keeps only positive gradients, times GELU's own derivative.
+
+    The guided rule for ReLU is "backprop's local derivative, and only positive signal from above";
+    applied to GELU (airnet_small) the local derivative is Phi(x) + x phi(x) instead of the 0/1 mask.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        xf = x.float()
+        local = (
+            0.5 * (1 + torch.erf(xf * 0.7071067811865476))
+            + xf * torch.exp(-0.5 * xf * xf) * 0.3989422804014327
+        )
+        return (local * grad.float().clamp(min=0)).to(grad.dtype)
+
+
+def guided_gelu(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """Drop-in for F.gelu (the exact, erf form; an `approximate="tanh"` request gets it too)."""
+    return _GuidedGELUFunction.apply(x)
+
+
+class GuidedGELU(nn.Module):
+    """Module form of `guided_gelu`, swapped in for nn.GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GuidedGELUFunction.apply(x)
+
+
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _RELU_METHODS = ("relu", "relu_")
 
@@ -231,17 +266,23 @@ def _fold_batchnorm(gm: torch.fx.GraphModule) -> None:
 
 
 def _rewrite_relus(gm: torch.fx.GraphModule, guided: bool) -> None:
-    """Make every ReLU of a traced module (module, function or method call) out of place, or guided.
+    """Make every ReLU of a traced module (module, function or method call) out of place, or guided;
+    guided also swaps GELUs (module or F.gelu) for their guided form.
 
     Out of place even when not guided: an in-place ReLU after a tapped conv would overwrite the very
     activation that Grad-CAM differentiates, and it is how grad-cam's guided backprop breaks.
     """
     for name, module in list(gm.named_modules()):
+        parent, _, child = name.rpartition(".")
         if isinstance(module, nn.ReLU):
-            parent, _, child = name.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, child, GuidedReLU() if guided else nn.ReLU())
+        elif guided and isinstance(module, nn.GELU):
+            setattr(gm.get_submodule(parent) if parent else gm, child, GuidedGELU())
     changed = False
     for node in gm.graph.nodes:
+        if guided and node.op == "call_function" and node.target is F.gelu:
+            node.target, node.args, node.kwargs = guided_gelu, node.args[:1], {}
+            changed = True
         is_fn = node.op == "call_function" and node.target in _RELU_FUNCTIONS
         is_method = node.op == "call_method" and node.target in _RELU_METHODS
         if is_fn or is_method:
