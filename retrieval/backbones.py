@@ -239,7 +239,7 @@ register(
         preprocess=_SMALL_32,
         default_weights="none",
         num_classes=10,
-        description="airbench-style 7-layer net for 32 px images (whitened 2x2 stem, 64/256/256 "
+        description="airbench-style net (7 convs + fc) for 32 px images (whitened 2x2 stem, 64/256/256 "
         "conv groups), global max pool: the fastest to train to ~90% on CIFAR-10 on a CPU",
     )
 )
