@@ -85,20 +85,29 @@ def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, 
     _index_and_eval(data, work, args.arch, result.best_checkpoint, args.train_db)
 
 
-def _index_and_eval(data: Path, work: Path, arch: str, checkpoint: Path, train_db: bool = False) -> None:
+def _index_split(data: Path, split: str, work: Path, prefix: str, arch: str, checkpoint: Path) -> list:
+    """Index `data/split` with pixels and with the checkpoint; the opened indexes, in that order."""
     from pipelines.index_folder import build_index
     from retrieval.api import open_index
     from retrieval.config import IndexConfig
-    from retrieval.evaluate import evaluate_indexes
 
     indexes = []
     for name, backbone, weights in [("pixels", "pixels", None), (arch, None, str(checkpoint))]:
         t = time.perf_counter()
         r = build_index(
-            IndexConfig(images=data / "test", index=work / f"idx-{name}", backbone=backbone, weights=weights)
+            IndexConfig(
+                images=data / split, index=work / f"{prefix}{name}", backbone=backbone, weights=weights
+            )
         )
-        print(f"indexed test split with {name}: {r.indexed} images in {time.perf_counter() - t:.1f}s")
+        print(f"indexed {split} split with {name}: {r.indexed} images in {time.perf_counter() - t:.1f}s")
         indexes.append(open_index(r.index))
+    return indexes
+
+
+def _index_and_eval(data: Path, work: Path, arch: str, checkpoint: Path, train_db: bool = False) -> None:
+    from retrieval.evaluate import evaluate_indexes
+
+    indexes = _index_split(data, "test", work, "idx-", arch, checkpoint)
     t = time.perf_counter()
     results = evaluate_indexes(indexes, ks=(1, 10))
     print(f"eval (leave-one-out over the test split) in {time.perf_counter() - t:.1f}s")
@@ -110,23 +119,10 @@ def _index_and_eval(data: Path, work: Path, arch: str, checkpoint: Path, train_d
 def _train_db_eval(data: Path, work: Path, arch: str, checkpoint: Path) -> None:
     """The usual kNN protocol (the ~35-40% pixel reference): the train split is the database, the test
     split the queries."""
-    from pipelines.index_folder import build_index
-    from retrieval.api import open_index
-    from retrieval.config import IndexConfig
     from retrieval.evaluate import embed_query_folder, evaluate_indexes
 
-    indexes, queries = [], []
-    for name, backbone, weights in [("pixels", "pixels", None), (arch, None, str(checkpoint))]:
-        t = time.perf_counter()
-        r = build_index(
-            IndexConfig(
-                images=data / "train", index=work / f"idx-train-{name}", backbone=backbone, weights=weights
-            )
-        )
-        print(f"indexed train split with {name}: {r.indexed} images in {time.perf_counter() - t:.1f}s")
-        index = open_index(r.index)
-        indexes.append(index)
-        queries.append(embed_query_folder(index, data / "test"))
+    indexes = _index_split(data, "train", work, "idx-train-", arch, checkpoint)
+    queries = [embed_query_folder(index, data / "test") for index in indexes]
     t = time.perf_counter()
     results = evaluate_indexes(indexes, queries, ks=(1, 5, 10, 20))
     print(f"eval (test queries against the train split) in {time.perf_counter() - t:.1f}s")

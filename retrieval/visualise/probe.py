@@ -147,12 +147,8 @@ class _GuidedGELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        xf = x.float()
-        local = (
-            0.5 * (1 + torch.erf(xf * 0.7071067811865476))
-            + xf * torch.exp(-0.5 * xf * xf) * 0.3989422804014327
-        )
-        return (local * grad.float().clamp(min=0)).to(grad.dtype)
+        # PyTorch's own GELU backward (grad * GELU'(x)), fed only the positive part of the gradient.
+        return torch.ops.aten.gelu_backward(grad.clamp(min=0), x)
 
 
 def guided_gelu(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
