@@ -651,6 +651,19 @@ def _vectors_digest(vectors: np.ndarray, ids: np.ndarray, block: int = 65536) ->
     return h.hexdigest()[:20]
 
 
+def _files_digest(root: Path, relpaths: Iterable[str]) -> str:
+    """A hash of the size and mtime of each file: thumbnails follow the files, not only their names
+    (an image edited or replaced in place keeps its path; ~3 us a file)."""
+    h = hashlib.sha256()
+    for rel in relpaths:
+        try:
+            st = (Path(root) / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # missing now: a placeholder, and the cache must notice when it returns
+            h.update(f"{rel}\0-\n".encode())
+    return h.hexdigest()[:20]
+
+
 def _cache_path(index: Index, kind: str, key: dict[str, Any]) -> Path:
     blob = json.dumps(
         {"v": CACHE_VERSION, "generation": index.dir.name, "n": len(index), **key}, sort_keys=True
@@ -759,15 +772,17 @@ def cached_atlases(
     note: Callable[[str], None] = lambda s: None,
 ) -> tuple[list[bytes], list[str], bool]:
     """JPEG atlases of the thumbnails of `ids` and the paths that could not be read."""
-    path = _cache_path(index, "atlases", {"ids": _ids_digest(ids), "size": size})
+    paths = index.paths
+    shown = [paths[i] for i in ids]
+    files = _files_digest(index.root, shown)
+    path = _cache_path(index, "atlases", {"ids": _ids_digest(ids), "size": size, "files": files})
     hit = _cache_load(path, use_cache)
     if hit is not None and "offsets" in hit:
         blob, offsets = hit["blob"].tobytes(), hit["offsets"]
         missing = [str(p) for p in hit["missing"]]
         return [blob[a:b] for a, b in itertools.pairwise(offsets)], missing, True
     missing: list[str] = []
-    paths = index.paths
-    atlases = make_atlases(read_thumbnails(index.root, [paths[i] for i in ids], size, jobs, missing), size)
+    atlases = make_atlases(read_thumbnails(index.root, shown, size, jobs, missing), size)
     offsets = np.cumsum([0, *map(len, atlases)])
     _cache_save(
         path,

@@ -151,6 +151,28 @@ def test_cache_reused_until_vectors_or_parameters_change(
     assert len(calls) == 3 and not changed.cached["projection"] and d3["xy"] != d1["xy"]
 
 
+def test_thumbnail_cache_follows_edited_files(samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    shutil.copytree(samples / "train" / "star", root / "star")
+    r = invoke("index", root, "--index", tmp_path / "idx", "--backbone", "pixels", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    idx = open_index(tmp_path / "idx")
+    ids = np.arange(len(idx))
+    first, missing, hit = maps.cached_atlases(idx, ids, 32, jobs=1)
+    assert not hit and not missing
+    assert maps.cached_atlases(idx, ids, 32, jobs=1)[2]  # unchanged files: served from the cache
+    # The same path with other pixels (an edit in place): the cache must not serve the old thumbnail.
+    target = root / idx.paths[0]
+    Image.new("RGB", Image.open(target).size, (255, 0, 0)).save(target)
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    edited, _, hit = maps.cached_atlases(idx, ids, 32, jobs=1)
+    assert not hit and edited != first
+    assert np.asarray(Image.open(io.BytesIO(edited[0])))[:32, :32].mean((0, 1))[0] > 200  # red now
+    target.unlink()  # gone: a placeholder, and listed as missing, not an old cached thumbnail
+    _, missing, hit = maps.cached_atlases(idx, ids, 32, jobs=1)
+    assert not hit and missing == [idx.paths[0]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and grids
 
