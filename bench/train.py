@@ -3,8 +3,8 @@
     python bench/train.py overhead            # steps/s: train() vs a bare loop, same model/batch/data
     python bench/train.py samples             # small ResNet on the generated shapes, to its target
     python bench/train.py mnist  [--budget S] # LeNet-5 on MNIST (../shared/datasets/mnist.npz), to 99%
-    python bench/train.py cifar  [--budget S] # --arch on CIFAR-10 (cifar10-jpg.tar), to 90%; recipe flags
-                                              # and the airnet_small run: see bench/RESULTS.md
+    python bench/train.py cifar  [--budget S] # --arch on CIFAR-10 (cifar10-jpg.tar), to 90%; airnet_small
+                                              # runs its registry recipe unless flags override it
     python bench/train.py speed               # training images/s of resnet18/50 at 224 px (GPU)
 
 Run each under `flock /tmp/cpu.lock` on a shared machine. Every mode prints `machine_summary()`
@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrieval.backbones import get_spec
 from retrieval.device import machine_summary, resolve_runtime
-from retrieval.train import EpochStats, TrainConfig, TrainReporter, train
+from retrieval.train import EpochStats, TrainConfig, TrainReporter, train, with_recipe
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -63,8 +64,10 @@ class Curve(TrainReporter):
 def run_curve(config: TrainConfig, target: float | None, budget: float | None, stop: bool = True) -> dict:
     curve = Curve(target, budget, stop)
     result = train(config, curve)
+    config = with_recipe(config)  # what actually ran: the architecture's recipe filled in
     return {
         "arch": config.arch,
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("data", "out", "resume")},
         "epochs_scheduled": config.epochs,
         "epochs_run": result.epochs_completed,
         "best_val_acc": result.best_val_acc,
@@ -80,7 +83,6 @@ def run_curve(config: TrainConfig, target: float | None, budget: float | None, s
 
 def overhead(args: argparse.Namespace) -> dict:
     """train()'s steps/s (training phase, from its own epoch stats) vs a bare loop, ABAB in one run."""
-    from retrieval.backbones import get_spec
     from retrieval.samples import SampleConfig, make_samples
     from retrieval.train import make_optimizer
 
@@ -265,7 +267,6 @@ def cifar(args: argparse.Namespace) -> dict:
 
 def speed(args: argparse.Namespace) -> dict:
     """Training images/s through StepRunner (our augmentation included) vs a bare step, 224 px."""
-    from retrieval.backbones import get_spec
     from retrieval.train import Augment, StepRunner, make_optimizer
 
     runtime = resolve_runtime("auto", "auto")
@@ -333,11 +334,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--full", action="store_true", help="cifar: run the whole schedule past the target")
     parser.add_argument("--crop-pad", type=int, default=None)
-    parser.add_argument("--tta", action="store_true", help="cifar: flip test-time augmentation at validation")
+    parser.add_argument(
+        "--tta", action="store_true", default=None, help="cifar: flip test-time augmentation at validation"
+    )
     parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--schedule", default="cosine", choices=["cosine", "onecycle"])
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    # Unset (None) = the architecture's recipe where it has one (airnet_small), else the general default.
+    parser.add_argument("--schedule", default=None, choices=["cosine", "onecycle"])
+    parser.add_argument("--warmup-epochs", type=float, default=None)
+    parser.add_argument("--label-smoothing", type=float, default=None)
     parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--target", type=float, default=0.9, help="samples/cifar: val accuracy target")
     parser.add_argument("--per-class", type=int, default=1000, help="samples mode: training images per class")
@@ -350,6 +354,8 @@ def main() -> None:
         "cifar": (7, 256, 0.2),
         "speed": (1, 256, None),
     }[args.mode]
+    if args.mode == "cifar" and get_spec(args.arch).recipe:
+        defaults = (None, None, None)  # its own recipe (bench/RESULTS.md) instead of the ResNet defaults
     args.epochs = args.epochs or defaults[0]
     args.batch_size = args.batch_size or defaults[1]
     args.lr = args.lr if args.lr is not None else defaults[2]

@@ -33,6 +33,18 @@ SCHEDULES = ("cosine", "onecycle")
 VAL_SPLIT_NAMES = ("val", "validation", "test")
 # Fields that `--resume` may change: where and how the run executes, never what it computes.
 RESUME_OVERRIDES = ("device", "dtype", "workers", "compile", "cache_mb", "stop_after_epochs")
+# What a None field becomes when the architecture's recipe (BackboneSpec.recipe) does not set it.
+GENERAL_DEFAULTS: dict[str, Any] = {
+    "epochs": 30,
+    "batch_size": 128,
+    "schedule": "cosine",
+    "warmup_epochs": 1.0,
+    "label_smoothing": 0.1,
+    "tta": False,
+    "crop_pad": None,  # stays None: a 1/8 of the training side, known once the size is
+}
+_GENERAL_LR = {"sgd": 0.1, "adamw": 2e-3}  # peak rate per 128 images
+_GENERAL_WD = {"sgd": 5e-4, "adamw": 0.05}
 
 
 @dataclass(frozen=True)
@@ -45,22 +57,22 @@ class TrainConfig:
     pretrained: str | None = None  # "imagenet" fine-tunes from torchvision weights; None = from scratch
     image_size: int | None = None  # training side in px; None = the architecture's (or weights') default
     channels: int | None = None  # 1 or 3; None = 1 when every image is greyscale, else 3
-    epochs: int = 30
-    batch_size: int = 128
+    # None in the fields below = the architecture's recipe (`BackboneSpec.recipe`), else GENERAL_DEFAULTS;
+    # `with_recipe` fills them in, and config.json records the filled-in values.
+    epochs: int | None = None  # 30
+    batch_size: int | None = None  # 128
     optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adamw"
-    lr: float | None = (
-        None  # peak learning rate; None = 0.1 (sgd) / 2e-3 (adamw) per 128 images, /10 pretrained
-    )
-    weight_decay: float | None = None  # None = 5e-4 (sgd) / 0.05 (adamw); never applied to norms or biases
-    schedule: str = "cosine"  # "cosine" or "onecycle" (linear up, linear down), both after a linear warm-up
-    warmup_epochs: float = 1.0  # linear warm-up length (capped at a third of the run)
-    label_smoothing: float = 0.1
+    lr: float | None = None  # peak rate; 0.1 (sgd) / 2e-3 (adamw) per 128 images, /10 pretrained
+    weight_decay: float | None = None  # 5e-4 (sgd) / 0.05 (adamw); never applied to norms or biases
+    schedule: str | None = None  # "cosine" or "onecycle" (linear up, linear down), after a linear warm-up
+    warmup_epochs: float | None = None  # 1.0; linear warm-up length (capped at a third of the run)
+    label_smoothing: float | None = None  # 0.1
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
     augment: str = "auto"  # "crop" (reflect-pad + random crop), "rrc" (random resized crop), "none"; auto:
     # crop up to 64 px (small images have no room to zoom), rrc above
     flip: bool = True  # random horizontal flips (turn off for digits and text)
     crop_pad: int | None = None  # crop augmentation: largest shift in px; None = size // 8 (4 px at 32)
-    tta: bool = False  # validate on the mean logits of each image and its mirror (needs flip)
+    tta: bool | None = None  # False; validate on the mean logits of each image and its mirror (needs flip)
     val_fraction: float = 0.1  # held-out share per class when the folder has no val/test split
     seed: int = 0  # seeds the split, init, shuffling and augmentation: same seed, same run on one machine
     deterministic: bool = (
@@ -87,19 +99,21 @@ class TrainConfig:
             raise RetrieveError(
                 f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
             )
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise RetrieveError(f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         if self.pretrained not in (None, "imagenet"):
             raise RetrieveError(f"--pretrained takes 'imagenet' (got {self.pretrained!r}).")
         if self.channels not in (None, 1, 3):
             raise RetrieveError("--channels must be 1 or 3.")
-        if self.epochs < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 1) or (
+            self.batch_size is not None and self.batch_size < 1
+        ):
             raise RetrieveError("epochs and batch size must be at least 1.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise RetrieveError("--val-fraction must be in [0, 1).")
         if self.image_size is not None and self.image_size < 8:
             raise RetrieveError("--image-size must be at least 8.")
-        if not 0.0 <= self.label_smoothing < 1.0:
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise RetrieveError("--label-smoothing must be in [0, 1).")
         if self.crop_pad is not None and self.crop_pad < 0:
             raise RetrieveError("--crop-pad must be 0 or more pixels.")
@@ -635,22 +649,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def default_lr(config: TrainConfig) -> float:
-    if config.lr is not None:
-        return config.lr
-    base = 0.1 if config.optimizer == "sgd" else 2e-3
-    if config.pretrained:
-        base /= 10  # fine-tuning: keep the ImageNet features, adapt them gently
-    return base * config.batch_size / 128  # linear scaling rule (Goyal et al.)
+def with_recipe(config: TrainConfig) -> TrainConfig:
+    """`config` with every None training default filled in: from the architecture's recipe where it
+    has one, else GENERAL_DEFAULTS. Fields the user set are kept; applying it twice changes nothing."""
+    recipe = dict(get_spec(config.arch).recipe)
+    fill = {k: recipe.get(k, v) for k, v in GENERAL_DEFAULTS.items() if getattr(config, k) is None}
+    if config.tta is None and not config.flip:
+        fill["tta"] = False  # the recipe's flip TTA presumes flip training; --no-flip turns it off
+    c = replace(config, **fill)
+    assert c.batch_size is not None
+    same_optimizer = c.optimizer == recipe.get("optimizer", "sgd")
+    lr, wd = c.lr, c.weight_decay
+    if lr is None:
+        if same_optimizer and "lr" in recipe:
+            lr = recipe["lr"] * c.batch_size / recipe.get("batch_size", 128)
+        else:
+            lr = _GENERAL_LR[c.optimizer] * c.batch_size / 128  # linear scaling rule (Goyal et al.)
+        if c.pretrained:
+            lr /= 10  # fine-tuning: keep the ImageNet features, adapt them gently
+    if wd is None:
+        wd = (
+            recipe["weight_decay"]
+            if same_optimizer and "weight_decay" in recipe
+            else _GENERAL_WD[c.optimizer]
+        )
+    return replace(c, lr=lr, weight_decay=wd)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    lr = default_lr(config)
-    if config.optimizer == "sgd":
-        wd = 5e-4 if config.weight_decay is None else config.weight_decay
-        return torch.optim.SGD(param_groups(model, wd), lr=lr, momentum=0.9, nesterov=True)
-    wd = 0.05 if config.weight_decay is None else config.weight_decay
-    return torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=(0.9, 0.999))
+    c = with_recipe(config)
+    assert c.lr is not None and c.weight_decay is not None
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(param_groups(model, c.weight_decay), lr=c.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.999))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -666,11 +697,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    total = config.epochs * steps_per_epoch
-    warmup = min(round(config.warmup_epochs * steps_per_epoch), total // 3)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, warmup, config.schedule)
-    )
+    c = with_recipe(config)
+    assert c.epochs is not None and c.warmup_epochs is not None and c.schedule is not None
+    total = c.epochs * steps_per_epoch
+    warmup = min(round(c.warmup_epochs * steps_per_epoch), total // 3)
+    schedule = c.schedule
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
 
 
 def _step_seed(seed: int, epoch: int, step: int) -> int:
@@ -939,6 +971,11 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         raise RetrieveError(
             f"{spec.name} has nothing to train; choose one of {', '.join(trainable_archs())}."
         )
+    unset = {k for k, _ in spec.recipe if getattr(config, k) is None}
+    config = with_recipe(config)
+    if unset:
+        used = ", ".join(f"{k}={getattr(config, k)}" for k, _ in spec.recipe if k in unset)
+        rep.message(f"{spec.name}'s training recipe: {used} (flags override)")
     runtime = resolve_runtime(config.device, config.dtype)
     data = Path(config.data).expanduser()
 

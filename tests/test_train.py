@@ -26,6 +26,7 @@ from retrieval.device import resolve_runtime
 from retrieval.errors import RetrieveError
 from retrieval.samples import SampleConfig, make_samples
 from retrieval.train import (
+    GENERAL_DEFAULTS,
     Augment,
     EpochStats,
     ImageSource,
@@ -36,6 +37,7 @@ from retrieval.train import (
     make_optimizer,
     train,
     trainable_archs,
+    with_recipe,
 )
 
 runner = CliRunner()
@@ -226,7 +228,40 @@ def test_training_airnet_whitens_its_stem_once_and_resume_keeps_it(shapes: Path,
     final = load_checkpoint(resumed.last_checkpoint).state_dict
     torch.testing.assert_close(final["stem.weight"], stem_cut)  # frozen, and not re-whitened on resume
     assert not torch.equal(final["stem.bias"], torch.zeros_like(final["stem.bias"]))  # the bias learns
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["augment"]["pad"] == 2
+    info = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert info["augment"]["pad"] == 2
+    # Fields left unset came from airnet_small's recipe, and config.json says what they were.
+    recipe = dict(get_spec("airnet_small").recipe)
+    assert info["config"]["schedule"] == recipe["schedule"] and info["config"]["epochs"] == 2
+    assert info["config"]["lr"] == pytest.approx(recipe["lr"] * 100 / recipe["batch_size"])
+
+
+def test_training_recipe_fills_unset_fields_and_flags_override() -> None:
+    general = with_recipe(TrainConfig(data=Path("."), out=Path("."), arch="resnet18"))
+    for k, v in GENERAL_DEFAULTS.items():
+        assert getattr(general, k) == v
+    assert (general.lr, general.weight_decay) == (0.1, 5e-4)  # 0.1 per 128 images, at 128
+    assert with_recipe(general) == general  # idempotent: resume and make_optimizer re-apply it
+    spec = get_spec("airnet_small")
+    recipe = dict(spec.recipe)
+    air = with_recipe(TrainConfig(data=Path("."), out=Path("."), arch="airnet_small"))
+    assert {k: getattr(air, k) for k in recipe} == recipe
+    # A user-set batch scales the recipe's rate linearly; other flags win over the recipe.
+    mine = with_recipe(
+        TrainConfig(data=Path("."), out=Path("."), arch="airnet_small", batch_size=128, epochs=3, tta=False)
+    )
+    assert mine.lr == pytest.approx(recipe["lr"] * 128 / recipe["batch_size"])
+    assert (mine.epochs, mine.tta, mine.label_smoothing) == (3, False, recipe["label_smoothing"])
+    # The recipe's rate and decay are for its optimiser; another one gets the general defaults.
+    adamw = with_recipe(TrainConfig(data=Path("."), out=Path("."), arch="airnet_small", optimizer="adamw"))
+    assert adamw.lr == pytest.approx(2e-3 * recipe["batch_size"] / 128) and adamw.weight_decay == 0.05
+    # The recipe's flip TTA is dropped, not an error, when the user turns flips off.
+    assert not with_recipe(TrainConfig(data=Path("."), out=Path("."), arch="airnet_small", flip=False)).tta
+    # Every recipe in the registry names real fields with values TrainConfig accepts.
+    for arch in trainable_archs():
+        fields = dict(get_spec(arch).recipe)
+        assert set(fields) <= set(TrainConfig.__dataclass_fields__), arch
+        TrainConfig(data=Path("."), out=Path("."), arch=arch, **fields)
 
 
 def test_flip_tta_validates_on_the_mean_logits_of_image_and_mirror() -> None:

@@ -53,7 +53,12 @@ def train_cli(
         Path | None,
         typer.Option("--out", "-o", help="Run directory. (default: runs/ARCH)", show_default=False),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Length of the schedule.")] = 30,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Length of the schedule. (default: the architecture's recipe, else 30)", show_default=False
+        ),
+    ] = None,
     pretrained: Annotated[
         str | None, typer.Option(help="'imagenet' fine-tunes from torchvision weights.", show_default=False)
     ] = None,
@@ -88,32 +93,58 @@ def train_cli(
         ),
     ] = None,
     tta: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--tta/--no-tta",
-            help="Validate on the mean of each image's and its mirror's logits.",
+            help="Validate on the mean of each image's and its mirror's logits. (default: the architecture's recipe, else off)",
+            show_default=False,
             rich_help_panel=_DATA,
         ),
-    ] = False,
-    batch_size: Annotated[int, typer.Option(rich_help_panel=_OPT)] = 128,
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="(default: the architecture's recipe, else 128)", show_default=False, rich_help_panel=_OPT
+        ),
+    ] = None,
     optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.", rich_help_panel=_OPT)] = "sgd",
     lr: Annotated[
         float | None,
         typer.Option(
-            help="Peak learning rate. (default: 0.1 sgd / 2e-3 adamw per 128 images, /10 when fine-tuning)",
+            help="Peak learning rate. (default: the recipe's, else 0.1 sgd / 2e-3 adamw per 128 images; "
+            "scaled with the batch size, /10 when fine-tuning)",
             show_default=False,
             rich_help_panel=_OPT,
         ),
     ] = None,
     weight_decay: Annotated[
         float | None,
-        typer.Option(help="(default: 5e-4 sgd / 0.05 adamw)", show_default=False, rich_help_panel=_OPT),
+        typer.Option(
+            help="(default: the recipe's, else 5e-4 sgd / 0.05 adamw)",
+            show_default=False,
+            rich_help_panel=_OPT,
+        ),
     ] = None,
     schedule: Annotated[
-        str, typer.Option(help="cosine or onecycle, after a linear warm-up.", rich_help_panel=_OPT)
-    ] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option(rich_help_panel=_OPT)] = 1.0,
-    label_smoothing: Annotated[float, typer.Option(rich_help_panel=_OPT)] = 0.1,
+        str | None,
+        typer.Option(
+            help="cosine or onecycle, after a linear warm-up. (default: the architecture's recipe, else cosine)",
+            show_default=False,
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    warmup_epochs: Annotated[
+        float | None,
+        typer.Option(
+            help="(default: the architecture's recipe, else 1)", show_default=False, rich_help_panel=_OPT
+        ),
+    ] = None,
+    label_smoothing: Annotated[
+        float | None,
+        typer.Option(
+            help="(default: the architecture's recipe, else 0.1)", show_default=False, rich_help_panel=_OPT
+        ),
+    ] = None,
     grad_clip: Annotated[
         float | None, typer.Option(help="Max gradient norm.", show_default=False, rich_help_panel=_OPT)
     ] = None,
@@ -158,11 +189,11 @@ def train_cli(
       retrieve train ./labelled --arch resnet8_small --epochs 20 --out runs/r8
       retrieve train ./labelled --arch resnet18 --pretrained imagenet --epochs 5
       retrieve train ./digits --arch lenet --no-flip   (no mirrored digits)
-      retrieve train ./cifar10 --arch airnet_small --epochs 15 --batch-size 512 --lr 0.45 --weight-decay 1.5e-3 --schedule onecycle --warmup-epochs 3 --label-smoothing 0.2 --crop-pad 2 --tta   (90.6% on CIFAR-10 in 32 min on 2 CPU cores)
+      retrieve train ./cifar10 --arch airnet_small   (its recipe: 15 epochs, batch 512, one-cycle at lr 0.45; 90.6% on CIFAR-10 in 32 min on 2 CPU cores)
       retrieve train --resume runs/r8   (continue a stopped run)
       retrieve index ./photos --weights runs/r8/best.pt   (no other flag needed)
 
-    Architectures: `retrieve backbones` lists them. resnet8_small / resnet18_small (3x3 stem, no max-pool) and airnet_small (whitened stem, quickest to train) suit 28-64 px images; resnet18/34/50, vgg*, alexnet and googlenet expect about 224 px.
+    Architectures: `retrieve backbones` lists them. An architecture may bring a training recipe (airnet_small does); the run prints it, config.json records it, and any flag overrides it. resnet8_small / resnet18_small (3x3 stem, no max-pool) and airnet_small (whitened stem, quickest to train) suit 28-64 px images; resnet18/34/50, vgg*, alexnet and googlenet expect about 224 px.
 
     The run directory gets config.json, metrics.jsonl (one line per epoch), last.pt and best.pt (written atomically each epoch), and report.txt / report.json / confusion.png. Ctrl-C finishes the current step, saves last.pt and stops; --resume continues from exactly there. Unreadable images are skipped and listed in skipped.txt.
     """
