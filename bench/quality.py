@@ -4,7 +4,8 @@ Hardware is printed in the header. Each part measures our path and its baseline 
   samples    the `retrieve demo` job (shapes): P@10 of the trained features vs pixel space (target >= 2x)
   cifar10    --arch (default resnet8_small) trained with `retrieve train` on the train split, or
              --weights CKPT trained elsewhere; the test split indexed with pixels and with the trained
-             net, leave-one-out P@10, MAP@R, kNN@k; --train-db adds test queries against the train split
+             net, leave-one-out P@10, MAP@R, kNN@k; --train-db adds test queries against the train split;
+             --tta adds the net with mirror-averaged embeddings (`index --tta`) as a third space
   mnist      the same on MNIST (PNGs written from ../shared/datasets/mnist.npz)
   synthetic  `evaluate_vectors` leave-one-out on 50k x 512-d vs the FAISS search alone (the floor)
              and a Python loop of one search per query (extrapolated from a sample)
@@ -58,7 +59,7 @@ def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, 
     if args.weights:
         # A checkpoint trained elsewhere on the train split only (e.g. `bench/train.py cifar --full`'s
         # last.pt: the final epoch, not picked by its test accuracy).
-        _index_and_eval(data, work, args.arch, Path(args.weights), args.train_db)
+        _index_and_eval(data, work, args.arch, Path(args.weights), args.train_db, args.tta)
         return
     t = time.perf_counter()
     result = train(
@@ -82,21 +83,31 @@ def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, 
         f"trained {args.arch} {result.epochs_completed} epochs in {train_s:.0f}s "
         f"({last.images_per_s:,.0f} img/s, final train accuracy {last.train_acc:.1%})"
     )
-    _index_and_eval(data, work, args.arch, result.best_checkpoint, args.train_db)
+    _index_and_eval(data, work, args.arch, result.best_checkpoint, args.train_db, args.tta)
 
 
-def _index_split(data: Path, split: str, work: Path, prefix: str, arch: str, checkpoint: Path) -> list:
-    """Index `data/split` with pixels and with the checkpoint; the opened indexes, in that order."""
+def _index_split(
+    data: Path, split: str, work: Path, prefix: str, arch: str, checkpoint: Path, tta: bool = False
+) -> list:
+    """Index `data/split` with pixels and with the checkpoint (and with the checkpoint and `--tta`,
+    mirror-averaged embeddings, when asked); the opened indexes, in that order."""
     from pipelines.index_folder import build_index
     from retrieval.api import open_index
     from retrieval.config import IndexConfig
 
     indexes = []
-    for name, backbone, weights in [("pixels", "pixels", None), (arch, None, str(checkpoint))]:
+    spaces = [("pixels", "pixels", None, False), (arch, None, str(checkpoint), False)]
+    if tta:
+        spaces.append((f"{arch}-tta", None, str(checkpoint), True))
+    for name, backbone, weights, flip in spaces:
         t = time.perf_counter()
         r = build_index(
             IndexConfig(
-                images=data / split, index=work / f"{prefix}{name}", backbone=backbone, weights=weights
+                images=data / split,
+                index=work / f"{prefix}{name}",
+                backbone=backbone,
+                weights=weights,
+                tta=flip,
             )
         )
         print(f"indexed {split} split with {name}: {r.indexed} images in {time.perf_counter() - t:.1f}s")
@@ -104,24 +115,26 @@ def _index_split(data: Path, split: str, work: Path, prefix: str, arch: str, che
     return indexes
 
 
-def _index_and_eval(data: Path, work: Path, arch: str, checkpoint: Path, train_db: bool = False) -> None:
+def _index_and_eval(
+    data: Path, work: Path, arch: str, checkpoint: Path, train_db: bool = False, tta: bool = False
+) -> None:
     from retrieval.evaluate import evaluate_indexes
 
-    indexes = _index_split(data, "test", work, "idx-", arch, checkpoint)
+    indexes = _index_split(data, "test", work, "idx-", arch, checkpoint, tta)
     t = time.perf_counter()
     results = evaluate_indexes(indexes, ks=(1, 10))
     print(f"eval (leave-one-out over the test split) in {time.perf_counter() - t:.1f}s")
     table([(r.name, r.metrics) for r in results], ["P@10", "MAP@R", "mAP", "kNN@1", "kNN@10"])
     if train_db:
-        _train_db_eval(data, work, arch, checkpoint)
+        _train_db_eval(data, work, arch, checkpoint, tta)
 
 
-def _train_db_eval(data: Path, work: Path, arch: str, checkpoint: Path) -> None:
+def _train_db_eval(data: Path, work: Path, arch: str, checkpoint: Path, tta: bool = False) -> None:
     """The usual kNN protocol (the ~35-40% pixel reference): the train split is the database, the test
     split the queries."""
     from retrieval.evaluate import embed_query_folder, evaluate_indexes
 
-    indexes = _index_split(data, "train", work, "idx-train-", arch, checkpoint)
+    indexes = _index_split(data, "train", work, "idx-train-", arch, checkpoint, tta)
     queries = [embed_query_folder(index, data / "test") for index in indexes]
     t = time.perf_counter()
     results = evaluate_indexes(indexes, queries, ks=(1, 5, 10, 20))
@@ -221,6 +234,9 @@ def main() -> None:
         "--weights", default=None, help="cifar10/mnist: evaluate this checkpoint, no training"
     )
     parser.add_argument("--train-per-class", type=int, default=None, help="subset of the train split")
+    parser.add_argument(
+        "--tta", action="store_true", help="cifar10/mnist: also index with mirror-averaged embeddings"
+    )
     parser.add_argument("--n", type=int, default=50_000, help="synthetic: vectors")
     parser.add_argument("--workdir", default=None, help="samples: demo folder (reused when it exists)")
     args = parser.parse_args()

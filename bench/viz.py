@@ -150,6 +150,8 @@ def main() -> None:
             for name, fn in variants.items():
                 t = time.perf_counter()
                 fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()  # count the queued kernels too, not only their launch
                 rates[name].append(n / (time.perf_counter() - t))
             print(f"# round {r + 1}: " + ", ".join(f"{v[-1]:.2f}" for v in rates.values()), flush=True)
 

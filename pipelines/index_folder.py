@@ -111,10 +111,11 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
         "preprocess": backbone.preprocess.to_dict(),
         "dim": backbone.dim,
         "metric": config.metric,
+        "tta": config.tta,
         "dtype": "float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
     }
     # Staged shards are reused only by a run that would compute the same vectors.
-    key = {k: manifest[k] for k in ("root", "backbone", "layer", "weights", "preprocess", "dim")}
+    key = {k: manifest[k] for k in ("root", "backbone", "layer", "weights", "preprocess", "dim", "tta")}
     staging = Staging(index_dir, key, config.shard_rows)
     done = staging.open()
     todo = [
@@ -143,7 +144,9 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
         try:
             for batch in timer.timed("read", iter_batches(todo, transform, runtime, batch_size, workers)):
                 with timer.stage("map"):
-                    vectors = forward(model, runtime, transform, batch.images) if batch.rows else []
+                    vectors = (
+                        forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
+                    )
                 with timer.stage("write"):
                     staging.add(vectors, batch.rows, batch.skipped)
                 embedded += len(batch.rows)

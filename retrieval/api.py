@@ -189,7 +189,9 @@ class Index:
 
         backbone = self.backbone()
         runtime = resolve_runtime(device, self.manifest.get("dtype", "auto"))
-        return embed_files(prepare_model(backbone, runtime), runtime, paths)
+        # Manifests from before `tta` existed were embedded without it.
+        tta = bool(self.manifest.get("tta", False))
+        return embed_files(prepare_model(backbone, runtime), runtime, paths, tta=tta)
 
     def search_paths(
         self, paths: list[str | os.PathLike], k: int = 10, device: str = "auto"

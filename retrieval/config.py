@@ -19,6 +19,7 @@ class IndexConfig:
     weights: str | None = None  # "imagenet", "none", or a checkpoint path; None = the backbone's default
     layer: str | None = None  # FX node to tap instead of the registry default
     metric: str = "l2"  # "l2" (Euclidean) or "cosine"
+    tta: bool = False  # embed each image as the mean of its and its mirror's features (2x the compute)
     device: str = "auto"  # auto = CUDA > MPS > CPU
     dtype: str = "auto"  # autocast dtype; auto = bf16 where the hardware does it natively
     batch_size: int | None = None  # None = 256 on GPU, 32 on CPU

@@ -75,15 +75,23 @@ def prepare_model(backbone: Backbone, runtime: Runtime) -> Backbone:
 
 
 @torch.inference_mode()
-def forward(backbone: Backbone, runtime: Runtime, transform: Transform, images: torch.Tensor) -> np.ndarray:
-    """uint8 batch -> float32 numpy vectors; normalisation happens on the device (4x less to copy)."""
+def forward(
+    backbone: Backbone, runtime: Runtime, transform: Transform, images: torch.Tensor, tta: bool = False
+) -> np.ndarray:
+    """uint8 batch -> float32 numpy vectors; normalisation happens on the device (4x less to copy).
+
+    `tta`: the mean of each image's and its mirror's features, so that an image and its mirror
+    embed alike (what flip-trained networks already nearly do; the mean removes the rest).
+    """
     x = images.to(runtime.device, non_blocking=True)
     x = transform.normalize(x)
     if runtime.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with runtime.autocast():
-        out = backbone(x)
-    return out.float().cpu().numpy()
+        out = backbone(x).float()
+        if tta:
+            out = (out + backbone(x.flip(-1)).float()) / 2
+    return out.cpu().numpy()
 
 
 def iter_batches(
@@ -108,7 +116,11 @@ def iter_batches(
 
 
 def embed_files(
-    backbone: Backbone, runtime: Runtime, paths: Sequence[str | os.PathLike], batch_size: int = 32
+    backbone: Backbone,
+    runtime: Runtime,
+    paths: Sequence[str | os.PathLike],
+    batch_size: int = 32,
+    tta: bool = False,
 ) -> np.ndarray:
     """Embed a few files in this process (queries); a bad file raises BadImageError naming it."""
     transform = Transform(backbone.preprocess)
@@ -122,5 +134,5 @@ def embed_files(
                 raise BadImageError(f"{p}: {exc}") from None
             except FileNotFoundError:
                 raise BadImageError(f"{p}: no such file") from None
-        out.append(forward(backbone, runtime, transform, torch.stack(tensors)))
+        out.append(forward(backbone, runtime, transform, torch.stack(tensors), tta))
     return np.concatenate(out) if out else np.zeros((0, backbone.dim), np.float32)

@@ -41,8 +41,11 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 1.0,
     "label_smoothing": 0.1,
     "tta": False,
+    "norm_bias_lr_scale": 1.0,
     "crop_pad": None,  # stays None: a 1/8 of the training side, known once the size is
 }
+# Fields added after runs were first saved: what those runs did (resume must rebuild the same optimiser).
+LEGACY_DEFAULTS: dict[str, Any] = {"norm_bias_lr_scale": 1.0}
 _GENERAL_LR = {"sgd": 0.1, "adamw": 2e-3}  # peak rate per 128 images
 _GENERAL_WD = {"sgd": 5e-4, "adamw": 0.05}
 
@@ -68,6 +71,7 @@ class TrainConfig:
     warmup_epochs: float | None = None  # 1.0; linear warm-up length (capped at a third of the run)
     label_smoothing: float | None = None  # 0.1
     grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    norm_bias_lr_scale: float | None = None  # 1.0; learning-rate multiple for the shifts of norm layers
     augment: str = "auto"  # "crop" (reflect-pad + random crop), "rrc" (random resized crop), "none"; auto:
     # crop up to 64 px (small images have no room to zoom), rrc above
     flip: bool = True  # random horizontal flips (turn off for digits and text)
@@ -119,6 +123,8 @@ class TrainConfig:
             raise RetrieveError("--crop-pad must be 0 or more pixels.")
         if self.tta and not self.flip:
             raise RetrieveError("--tta averages each image with its mirror; it needs --flip.")
+        if self.norm_bias_lr_scale is not None and self.norm_bias_lr_scale <= 0:
+            raise RetrieveError("--norm-bias-lr-scale must be above 0.")
         if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
             raise RetrieveError("--stop-after-epochs must be at least 1.")
 
@@ -129,6 +135,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known_keys(cls, d)
+        # A run saved before a field existed ran with that field's old behaviour, not today's recipe.
+        d = {**LEGACY_DEFAULTS, **d}
         paths = {"data", "out", "resume"}
         return cls(**{k: (Path(v) if k in paths and v is not None else v) for k, v in d.items()})
 
@@ -640,13 +648,37 @@ def build_model(
     return model, pre
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay only weight matrices and kernels; norm scales and biases (1-d) are not regularised."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, norm_bias_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Decay only weight matrices and kernels; norm scales and biases (1-d) are not regularised.
+
+    With `norm_bias_lr_scale` != 1 the shifts of the normalisation layers get their own group at
+    that multiple of the rate (airbench's 64x: with fixed BN scales, the shifts are each channel's
+    only threshold and move far faster than the 1/fan-in-sized weights they sit on).
+    """
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm_bias_ids = set()
+    if norm_bias_lr_scale != 1.0:
+        norm_bias_ids = {
+            id(m.bias)
+            for m in model.modules()
+            if isinstance(m, norms) and getattr(m, "bias", None) is not None
+        }
+    decay, no_decay, norm_bias = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if id(p) in norm_bias_ids:
+                norm_bias.append(p)
+            else:
+                (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
+    if norm_bias_ids:  # only then: a run without it keeps the two groups older checkpoints hold
+        groups.append({"params": norm_bias, "weight_decay": 0.0, "lr": lr * norm_bias_lr_scale})
+    return groups
 
 
 def with_recipe(config: TrainConfig) -> TrainConfig:
@@ -679,9 +711,11 @@ def with_recipe(config: TrainConfig) -> TrainConfig:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     c = with_recipe(config)
     assert c.lr is not None and c.weight_decay is not None
+    assert c.norm_bias_lr_scale is not None
+    groups = param_groups(model, c.weight_decay, c.lr, c.norm_bias_lr_scale)
     if c.optimizer == "sgd":
-        return torch.optim.SGD(param_groups(model, c.weight_decay), lr=c.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=(0.9, 0.999))
+        return torch.optim.SGD(groups, lr=c.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.999))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -85,3 +85,43 @@ def test_manifest_names_its_search_index_and_unknown_kinds_are_refused(tmp_path:
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(IndexFormatError, match="ivf-pq"):
         open_index(tmp_path / "idx").search_ids([0], k=1)
+
+
+def test_tta_index_embeds_the_mean_of_image_and_mirror_and_queries_the_same_way(
+    tmp_path: Path, samples: Path
+) -> None:
+    from PIL import Image
+
+    src = samples / "test" / "star"
+    mirrored = tmp_path / "mirrored" / "star"
+    mirrored.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored / f.name)
+
+    def index(images: Path, name: str, tta: bool) -> np.ndarray:
+        cfg = IndexConfig(
+            images=images,
+            index=tmp_path / name,
+            backbone="resnet18",
+            weights="none",
+            tta=tta,
+            dtype="float32",
+        )
+        build_index(cfg)
+        idx = open_index(tmp_path / name)
+        order = np.argsort(idx.paths)  # both folders hold the same file names
+        return np.asarray(idx.vectors())[order]
+
+    plain, flipped = index(src, "plain", False), index(mirrored, "flipped", False)
+    tta, tta_flipped = index(src, "tta", True), index(mirrored, "tta-flipped", True)
+    assert not np.allclose(plain, flipped, atol=1e-3)  # a random net is far from mirror-invariant
+    # Oracle: the mean of the two plain embeddings; and an image and its mirror now embed alike.
+    np.testing.assert_allclose(tta, (plain + flipped) / 2, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(tta, tta_flipped, rtol=1e-3, atol=1e-4)
+    idx = open_index(tmp_path / "tta")
+    assert idx.manifest["tta"] is True
+    # Queries from disk go through the same mirror averaging: each file finds itself at distance ~0.
+    files = [idx.root / p for p in idx.paths[:4]]
+    gap = float(((plain - tta) ** 2).sum(1).min())  # how far off a query embedded without it would be
+    for f, hits in zip(files, idx.search_paths(files, k=1, device="cpu"), strict=True):
+        assert hits[0].path == f.name and hits[0].distance < 1e-3 * gap

@@ -68,6 +68,11 @@ def test_info_and_backbones(lenet_index: Path) -> None:
     r = invoke("backbones", "--json")
     names = {b["name"]: b for b in json.loads(r.stdout)}
     assert names["vgg16"]["layer"] == "classifier.4" and names["resnet50"]["dim"] == 2048
+    assert (
+        names["airnet_small"]["train_recipe"]["schedule"] == "onecycle"
+        and names["lenet"]["train_recipe"] == {}
+    )
+    assert manifest["tta"] is False  # the default: one view per image
 
 
 @pytest.mark.parametrize(

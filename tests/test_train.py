@@ -264,6 +264,41 @@ def test_training_recipe_fills_unset_fields_and_flags_override() -> None:
         TrainConfig(data=Path("."), out=Path("."), arch=arch, **fields)
 
 
+def test_norm_bias_lr_scale_speeds_up_only_the_norm_shifts() -> None:
+    torch.manual_seed(0)
+    model = get_spec("airnet_small").builder(4, 3)
+    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    moved = {}
+    for scale in (1.0, 64.0):
+        model.load_state_dict(start, strict=False)
+        cfg = TrainConfig(
+            data=Path("."),
+            out=Path("."),
+            arch="airnet_small",
+            lr=0.01,
+            weight_decay=0.0,
+            norm_bias_lr_scale=scale,
+        )
+        opt = make_optimizer(model, cfg)
+        assert len(opt.param_groups) == (2 if scale == 1.0 else 3)  # scale 1: the layout old runs saved
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()  # first SGD step: the update is linear in each group's rate
+        moved[scale] = {k: p.detach() - start[k] for k, p in model.named_parameters() if p.requires_grad}
+    bn_biases = {f"{n}.bias" for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert bn_biases and bn_biases <= set(moved[1.0])
+    for k, d in moved[1.0].items():
+        expect = 64 * d if k in bn_biases else d  # the stem's conv bias is not a norm shift
+        torch.testing.assert_close(moved[64.0][k], expect, rtol=1e-4, atol=1e-7)
+    # A run saved before the option existed resumes with the rate it was trained with.
+    saved = TrainConfig(data=Path("."), out=Path("."), arch="airnet_small").to_dict()
+    del saved["norm_bias_lr_scale"]
+    assert with_recipe(TrainConfig.from_dict(saved)).norm_bias_lr_scale == 1.0
+    with pytest.raises(RetrieveError, match="--norm-bias-lr-scale"):
+        TrainConfig(data=Path("."), out=Path("."), norm_bias_lr_scale=0)
+
+
 def test_flip_tta_validates_on_the_mean_logits_of_image_and_mirror() -> None:
     from retrieval.backbones import Preprocess
     from retrieval.images import Transform

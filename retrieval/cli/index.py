@@ -87,6 +87,14 @@ def index_cli(
         str | None, typer.Option(help="FX node to tap instead of the default (FC7 / pool).")
     ] = None,
     metric: Annotated[str, typer.Option(help="l2 (Euclidean) or cosine.")] = "l2",
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Embed each image as the mean of its and its mirror's features: 2x the compute, "
+            "usually better neighbours for flip-trained nets. Queries are embedded the same way.",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16 (autocast).")] = "auto",
     batch_size: Annotated[
@@ -121,6 +129,7 @@ def index_cli(
         weights=weights,
         layer=layer,
         metric=metric,
+        tta=tta,
         device=device,
         dtype=dtype,
         batch_size=batch_size,
@@ -215,7 +224,7 @@ def info_cli(
         ("backbone", f"{m['backbone']}  layer {m['layer'] or '-'}  {m['dim']}-d"),
         ("weights", f"{w['kind']}: {w['id']}" + (f"  sha256 {w['sha256'][:16]}…" if w["sha256"] else "")),
         ("preprocess", ", ".join(f"{k}={v}" for k, v in m["preprocess"].items())),
-        ("metric", m["metric"]),
+        ("metric", m["metric"] + ("  (mirror-averaged embeddings: --tta)" if m.get("tta") else "")),
         ("images", f"{m['counts']['indexed']} indexed, {m['counts']['skipped']} skipped"),
         ("labels", ", ".join(f"{k} ({v})" for k, v in sorted(Counter(idx.labels).items())[:20])),
         ("generation", f"{m['generation']}  committed {m['committed']}"),
@@ -250,6 +259,7 @@ def backbones_cli(
                 "default_weights": s.default_weights,
                 "input": s.preprocess.size,
                 "description": s.description,
+                "train_recipe": dict(s.recipe),
             }
             for s in specs
         ]
@@ -260,7 +270,13 @@ def backbones_cli(
         table.add_column(col)
     for s in specs:
         name = f"[bold]{s.name}[/] (default)" if s.name == DEFAULT_BACKBONE else s.name
+        recipe = f" [dim](train recipe: {', '.join(f'{k}={v}' for k, v in s.recipe)})[/]" if s.recipe else ""
         table.add_row(
-            name, s.node or "-", str(s.dim), f"{s.preprocess.size}px", s.weights or "-", s.description
+            name,
+            s.node or "-",
+            str(s.dim),
+            f"{s.preprocess.size}px",
+            s.weights or "-",
+            s.description + recipe,
         )
     console.print(table)

@@ -145,6 +145,15 @@ def train_cli(
             help="(default: the architecture's recipe, else 0.1)", show_default=False, rich_help_panel=_OPT
         ),
     ] = None,
+    norm_bias_lr_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning-rate multiple for the shifts of norm layers. (default: the architecture's "
+            "recipe, else 1)",
+            show_default=False,
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     grad_clip: Annotated[
         float | None, typer.Option(help="Max gradient norm.", show_default=False, rich_help_panel=_OPT)
     ] = None,
@@ -217,6 +226,7 @@ def train_cli(
         warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing,
         grad_clip=grad_clip,
+        norm_bias_lr_scale=norm_bias_lr_scale,
         augment=augment,
         flip=flip,
         crop_pad=crop_pad,
