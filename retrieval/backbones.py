@@ -227,10 +227,31 @@ for _name, _block, _layers, _widths, _dim, _what in [
     )
 
 
-def _airnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+def _airnet(num_classes: int = 10, in_channels: int = 3, residual: bool = False) -> nn.Module:
     from retrieval.models import AirNet
 
-    return AirNet(num_classes=num_classes, in_channels=in_channels)
+    return AirNet(num_classes=num_classes, in_channels=in_channels, residual=residual)
+
+
+def _airresnet(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return _airnet(num_classes, in_channels, residual=True)
+
+
+# Measured on CIFAR-10 (bench/RESULTS.md): 90.45% in 12 epochs, 23 min on 2 CPU cores (89.84% with
+# the BN shifts at the base rate). Short one-cycle schedules want a high rate, strong smoothing,
+# small shifts and fast-moving BN shifts (airbench's 64x) for these nets.
+_AIR_RECIPE: tuple[tuple[str, Any], ...] = (
+    ("epochs", 12),
+    ("batch_size", 512),
+    ("lr", 0.45),
+    ("weight_decay", 1.5e-3),
+    ("schedule", "onecycle"),
+    ("warmup_epochs", 3.0),
+    ("label_smoothing", 0.2),
+    ("crop_pad", 2),
+    ("tta", True),
+    ("norm_bias_lr_scale", 64.0),
+)
 
 
 register(
@@ -244,21 +265,22 @@ register(
         num_classes=10,
         description="airbench-style net (7 convs + fc) for 32 px images (whitened 2x2 stem, 64/256/256 "
         "conv groups), global max pool: the fastest to train to ~90% on CIFAR-10 on a CPU",
-        # Measured on CIFAR-10 (bench/RESULTS.md): 90.45% in 12 epochs, 23 min on 2 CPU cores (89.84%
-        # with the BN shifts at the base rate). Short one-cycle schedules want a high rate, strong
-        # smoothing, small shifts and fast-moving BN shifts (airbench's 64x) for this net.
-        recipe=(
-            ("epochs", 12),
-            ("batch_size", 512),
-            ("lr", 0.45),
-            ("weight_decay", 1.5e-3),
-            ("schedule", "onecycle"),
-            ("warmup_epochs", 3.0),
-            ("label_smoothing", 0.2),
-            ("crop_pad", 2),
-            ("tta", True),
-            ("norm_bias_lr_scale", 64.0),
-        ),
+        recipe=_AIR_RECIPE,
+    )
+)
+
+register(
+    BackboneSpec(
+        name="airresnet_small",
+        builder=_airresnet,
+        node="flatten",
+        dim=256,
+        preprocess=_SMALL_32,
+        default_weights="none",
+        num_classes=10,
+        description="airnet_small with an identity shortcut around each group's second conv: a small "
+        "ResNet (7 convs + fc, 3 residual units) for 32 px images",
+        recipe=_AIR_RECIPE,
     )
 )
 

@@ -166,7 +166,11 @@ class AirNet(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (64, 256, 256)
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: tuple[int, int, int] = (64, 256, 256),
+        residual: bool = False,
     ) -> None:
         super().__init__()
         stem_width = 2 * in_channels * 2 * 2  # +/- each whitened direction of a 2x2 patch
@@ -178,7 +182,7 @@ class AirNet(nn.Module):
         self.act = nn.GELU()
         groups, c = [], stem_width
         for w in widths:
-            groups.append(_AirGroup(c, w))
+            groups.append(_AirGroup(c, w, residual))
             c = w
         self.layer1, self.layer2, self.layer3 = groups
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -205,10 +209,12 @@ class AirNet(nn.Module):
 
 
 class _AirGroup(nn.Module):
-    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
+    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU; with `residual`, the second
+    half is a ResNet basic unit: GELU(x + BN(conv(x)))."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, residual: bool = False) -> None:
         super().__init__()
+        self.residual = residual
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -223,4 +229,5 @@ class _AirGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
-        return self.act(self.bn2(self.conv2(x)))
+        y = self.bn2(self.conv2(x))
+        return self.act(x + y if self.residual else y)

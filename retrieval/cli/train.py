@@ -202,7 +202,7 @@ def train_cli(
       retrieve train --resume runs/r8   (continue a stopped run)
       retrieve index ./photos --weights runs/r8/best.pt   (no other flag needed)
 
-    Architectures: `retrieve backbones` lists them. An architecture may bring a training recipe (airnet_small does); the run prints it, config.json records it, and any flag overrides it. resnet8_small / resnet18_small (3x3 stem, no max-pool) and airnet_small (whitened stem, quickest to train) suit 28-64 px images; resnet18/34/50, vgg*, alexnet and googlenet expect about 224 px.
+    Architectures: `retrieve backbones` lists them. An architecture may bring a training recipe (airnet_small and airresnet_small do); the run prints it, config.json records it, and any flag overrides it. resnet8_small / resnet18_small (3x3 stem, no max-pool) and airnet_small / airresnet_small (whitened stem, quickest to train; the latter with residual shortcuts) suit 28-64 px images; resnet18/34/50, vgg*, alexnet and googlenet expect about 224 px.
 
     The run directory gets config.json, metrics.jsonl (one line per epoch), last.pt and best.pt (written atomically each epoch), and report.txt / report.json / confusion.png. Ctrl-C finishes the current step, saves last.pt and stops; --resume continues from exactly there. Unreadable images are skipped and listed in skipped.txt.
     """
