@@ -206,6 +206,26 @@ def test_airnet_stem_whitens_the_patches_it_was_shown() -> None:
     assert not model.stem.weight.requires_grad
 
 
+def test_airresnet_groups_add_an_identity_shortcut() -> None:
+    from retrieval.models import _AirGroup
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 16)
+    for residual in (False, True):
+        g = _AirGroup(8, 8, residual).eval()
+        with torch.no_grad():
+            g.conv2.weight.zero_()  # the second conv says nothing: only the shortcut can carry x
+            h = g.act(g.bn1(g.pool(g.conv1(x))))
+            # Fresh BN in eval maps 0 to 0: the group is GELU(h) with the shortcut, and 0 without it.
+            torch.testing.assert_close(g(x), g.act(h) if residual else torch.zeros_like(h))
+    assert all(
+        m.residual for m in get_spec("airresnet_small").builder(10, 3).modules() if isinstance(m, _AirGroup)
+    )
+    assert not any(
+        m.residual for m in get_spec("airnet_small").builder(10, 3).modules() if isinstance(m, _AirGroup)
+    )
+
+
 def test_training_airnet_whitens_its_stem_once_and_resume_keeps_it(shapes: Path, tmp_path: Path) -> None:
     base = dict(
         data=shapes,
