@@ -258,6 +258,7 @@ def cifar(args: argparse.Namespace) -> dict:
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
         norm_bias_lr_scale=args.norm_bias_lr_scale,
+        seed=args.seed,
         crop_pad=args.crop_pad,
         tta=args.tta,
         workers=args.workers,
@@ -344,6 +345,7 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=float, default=None)
     parser.add_argument("--label-smoothing", type=float, default=None)
     parser.add_argument("--norm-bias-lr-scale", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="cifar: seeds init, shuffling and augmentation")
     parser.add_argument("--budget", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--target", type=float, default=0.9, help="samples/cifar: val accuracy target")
     parser.add_argument("--per-class", type=int, default=1000, help="samples mode: training images per class")
