@@ -19,6 +19,12 @@ _OPT = "Optimisation"
 _RUN = "Runtime"
 
 
+def _recipe_or(general: str) -> str:
+    """Help suffix of a field that the architecture's recipe may set; `general` restates
+    retrieval.train.GENERAL_DEFAULTS (not imported here: it would pull torch into `--help`)."""
+    return f"(default: the architecture's recipe, else {general})"
+
+
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
@@ -55,9 +61,7 @@ def train_cli(
     ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option(
-            help="Length of the schedule. (default: the architecture's recipe, else 30)", show_default=False
-        ),
+        typer.Option(help="Length of the schedule. " + _recipe_or("30"), show_default=False),
     ] = None,
     pretrained: Annotated[
         str | None, typer.Option(help="'imagenet' fine-tunes from torchvision weights.", show_default=False)
@@ -96,16 +100,14 @@ def train_cli(
         bool | None,
         typer.Option(
             "--tta/--no-tta",
-            help="Validate on the mean of each image's and its mirror's logits. (default: the architecture's recipe, else off)",
+            help="Validate on the mean of each image's and its mirror's logits. " + _recipe_or("off"),
             show_default=False,
             rich_help_panel=_DATA,
         ),
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(
-            help="(default: the architecture's recipe, else 128)", show_default=False, rich_help_panel=_OPT
-        ),
+        typer.Option(help=_recipe_or("128"), show_default=False, rich_help_panel=_OPT),
     ] = None,
     optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.", rich_help_panel=_OPT)] = "sgd",
     lr: Annotated[
@@ -128,28 +130,23 @@ def train_cli(
     schedule: Annotated[
         str | None,
         typer.Option(
-            help="cosine or onecycle, after a linear warm-up. (default: the architecture's recipe, else cosine)",
+            help="cosine or onecycle, after a linear warm-up. " + _recipe_or("cosine"),
             show_default=False,
             rich_help_panel=_OPT,
         ),
     ] = None,
     warmup_epochs: Annotated[
         float | None,
-        typer.Option(
-            help="(default: the architecture's recipe, else 1)", show_default=False, rich_help_panel=_OPT
-        ),
+        typer.Option(help=_recipe_or("1"), show_default=False, rich_help_panel=_OPT),
     ] = None,
     label_smoothing: Annotated[
         float | None,
-        typer.Option(
-            help="(default: the architecture's recipe, else 0.1)", show_default=False, rich_help_panel=_OPT
-        ),
+        typer.Option(help=_recipe_or("0.1"), show_default=False, rich_help_panel=_OPT),
     ] = None,
     norm_bias_lr_scale: Annotated[
         float | None,
         typer.Option(
-            help="Learning-rate multiple for the shifts of norm layers. (default: the architecture's "
-            "recipe, else 1)",
+            help="Learning-rate multiple for the shifts of norm layers. " + _recipe_or("1"),
             show_default=False,
             rich_help_panel=_OPT,
         ),
