@@ -40,6 +40,7 @@ class Progress:
     def start(self, total: int, done: int, description: str) -> None: ...
     def advance(self, n: int) -> None: ...
     def note(self, message: str) -> None: ...
+    def warn(self, message: str) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -48,26 +49,37 @@ def _reason_kind(reason: str) -> str:
 
 
 def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexReport:
-    """Index every image below `config.images` into `config.index`; resumes an interrupted run."""
+    """Index every image below `config.images` into `config.index`; resumes an interrupted run.
 
+    One run per index folder at a time: a second one fails at once (see `store.writer_lock`).
+    """
+    from retrieval.index import check_metric
+    from retrieval.store import writer_lock
+
+    # Checked before the lock, which creates the index folder.
+    if config.engine not in ENGINES:
+        raise RetrieveError(f"Unknown engine {config.engine!r}; available: {', '.join(ENGINES)}.")
+    check_metric(config.metric)
+    root = Path(config.images).expanduser().absolute()
+    if not root.is_dir():
+        raise EmptyInputError(f"{root} is not a folder.")
+    with writer_lock(Path(config.index).expanduser().absolute()):
+        return _build_index(config, progress)
+
+
+def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
     from retrieval import __version__
     from retrieval.backbones import load_backbone
     from retrieval.device import resolve_runtime
     from retrieval.embed import default_batch_size, default_workers, forward, iter_batches, prepare_model
     from retrieval.images import IMAGE_EXTENSIONS, Transform, scan
-    from retrieval.index import check_metric
     from retrieval.store import Staging, commit
 
     progress = progress or Progress()
-    if config.engine not in ENGINES:
-        raise RetrieveError(f"Unknown engine {config.engine!r}; available: {', '.join(ENGINES)}.")
-    check_metric(config.metric)
     t0 = time.perf_counter()
     timer = StageTimer()
     root = Path(config.images).expanduser().absolute()
     index_dir = Path(config.index).expanduser().absolute()
-    if not root.is_dir():
-        raise EmptyInputError(f"{root} is not a folder.")
 
     with timer.stage("load model"):
         runtime = resolve_runtime(config.device, config.dtype)
@@ -80,9 +92,9 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
             f"weights {backbone.weights.id}"
         )
         if backbone.weights.kind == "none":
-            progress.note(
-                "[bold yellow]weights: none: RANDOM initialisation (seed 0); neighbours will be close "
-                "to meaningless. Use --weights imagenet or a trained checkpoint for real retrieval.[/]"
+            progress.warn(
+                "weights: none: RANDOM initialisation (seed 0); neighbours will be close "
+                "to meaningless. Use --weights imagenet or a trained checkpoint for real retrieval."
             )
         model = prepare_model(backbone, runtime)
         transform = Transform(backbone.preprocess)
@@ -115,7 +127,9 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
         "dtype": "float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
     }
     # Staged shards are reused only by a run that would compute the same vectors.
-    key = {k: manifest[k] for k in ("root", "backbone", "layer", "weights", "preprocess", "dim", "tta")}
+    key = {
+        k: manifest[k] for k in ("root", "backbone", "layer", "weights", "preprocess", "dim", "tta", "dtype")
+    }
     staging = Staging(index_dir, key, config.shard_rows)
     done = staging.open()
     todo = [

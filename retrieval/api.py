@@ -77,9 +77,16 @@ class Index:
     # -- data ---------------------------------------------------------------------------------
     @cached_property
     def metadata(self):  # -> pyarrow.Table
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.dir / "metadata.parquet")
+        try:
+            table = pq.read_table(self.dir / "metadata.parquet")
+        except (OSError, pa.ArrowException) as exc:
+            raise IndexFormatError(f"{self.path} is damaged: its metadata cannot be read ({exc}).") from None
+        if table.num_rows != len(self) or not {"path", "label"} <= set(table.column_names):
+            raise IndexFormatError(f"{self.path} is damaged: its metadata does not match the manifest.")
+        return table
 
     @cached_property
     def paths(self) -> list[str]:
@@ -148,7 +155,7 @@ class Index:
                 pass
         # A path like images/dogs/12.jpg given from the root's parent: strip leading components.
         parts = Path(s).parts
-        candidates += ["/".join(parts[i:]) for i in range(1, len(parts))]
+        candidates += ["/".join(parts[i:]) for i in range(len(parts))]
         for c in candidates:
             if c in self._ids_by_path:
                 return self._ids_by_path[c]

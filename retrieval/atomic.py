@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from retrieval.errors import RetrieveError
 
 
 def _read_umask() -> int:
@@ -19,9 +23,29 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def replace_target(path: str | os.PathLike) -> Path:
+    """The file that writing `path` by rename should replace, or a RetrieveError.
+
+    A symlink is written through (its target is replaced, the link stays). Anything else that is not
+    a regular file (a folder, a device such as /dev/null, a FIFO) is refused: renaming over it would
+    replace the device or pipe with a plain file.
+    """
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return path  # a new file (a parent that is a file fails where the folder is made)
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise RetrieveError(f"Cannot write {path}: it is {kind}; give a file path to write to.")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(fileobj)` on a temporary file in the target's folder, then `os.replace` it."""
-    path = Path(path)
+    path = replace_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -37,3 +61,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented JSON, atomically."""
+    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))

@@ -455,6 +455,8 @@ def load_backbone(
     if spec.builder is None:  # pixels
         if layer:
             raise RetrieveError("The pixels backbone has no layers; drop --layer.")
+        if weights_str != "none":  # silently ignoring --weights imagenet would mislabel the index
+            raise RetrieveError("The pixels backbone has no weights; drop --weights.")
         return Backbone(
             spec, _Pixels(), spec.preprocess, WeightsInfo("pixels", "pixels", ""), "", spec.dim, None
         )

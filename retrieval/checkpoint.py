@@ -50,6 +50,11 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     return path
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()  # empty for some errors (an empty file gives IndexError(""))
+    return lines[0][:200] if lines else "no details"
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint with `weights_only=True`; anything else is a clear CheckpointError."""
     path = Path(path)
@@ -66,7 +71,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable checkpoint"
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {_first_line(exc)})."
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(

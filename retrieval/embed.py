@@ -129,7 +129,7 @@ def embed_files(
         tensors = []
         for p in paths[start : start + batch_size]:
             try:
-                tensors.append(load_tensor(Path(p), transform)[0])
+                tensors.append(load_tensor(Path(p).expanduser(), transform)[0])
             except BadImageError as exc:
                 raise BadImageError(f"{p}: {exc}") from None
             except FileNotFoundError:

@@ -230,6 +230,11 @@ def evaluate_vectors(
     if len(db) != len(db_labels):
         raise ValueError("one label per database vector")
     loo = queries is None
+    if loo and len(db) < 2:
+        raise RetrieveError(
+            f"Leave-one-out evaluation needs at least 2 images; the index holds {len(db)}. "
+            "Index more images, or give a labelled query folder (--queries)."
+        )
     if loo:
         q_vecs, q_labels = db, db_labels
     else:
@@ -243,6 +248,11 @@ def evaluate_vectors(
     n_rel = relevant_counts(q_codes, db_codes, loo)
     pairs = len(q_vecs) * len(db)
     notes: list[str] = []
+    if len(set(db_labels)) == 1:
+        notes.append(
+            f"every indexed image has the same label ({db_labels[0]!r}), so every neighbour counts as "
+            "relevant and the scores say nothing; labels come from folders (root/<class>/image.jpg)"
+        )
     if full_map is None:
         full_map = pairs <= FULL_MAP_MAX_PAIRS
     if not full_map and pairs > FULL_MAP_MAX_PAIRS:

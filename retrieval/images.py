@@ -64,7 +64,7 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
         try:
             st = directory.stat()
         except OSError as exc:
-            problems.append((directory.relative_to(root).as_posix(), f"unreadable folder: {exc}"))
+            problems.append((_printable(directory.relative_to(root).as_posix()), f"unreadable folder: {exc}"))
             return
         key = (st.st_dev, st.st_ino)
         if key in seen_dirs:  # a symlink loop or a second link to a folder already indexed
@@ -73,7 +73,7 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
         try:
             children = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            problems.append((directory.relative_to(root).as_posix() or ".", f"unreadable: {exc}"))
+            problems.append((_printable(directory.relative_to(root).as_posix()) or ".", f"unreadable: {exc}"))
             return
         subdirs = []
         for child in children:
@@ -91,7 +91,12 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
                 st = child.stat(follow_symlinks=True)
             except OSError as exc:
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    problems.append((rel, f"cannot stat: {exc.strerror or exc}"))
+                    problems.append((_printable(rel), f"cannot stat: {exc.strerror or exc}"))
+                continue
+            if _printable(rel) != rel:
+                # Paths are stored as UTF-8 text (metadata, pages, JSON): one that is not cannot be
+                # kept and found again, so it is skipped, shown with its raw bytes escaped.
+                problems.append((_printable(rel), "file name is not valid UTF-8: rename it to index it"))
                 continue
             entries.append(ImageFileEntry(path, rel, label_of(rel, root), st.st_size, st.st_mtime))
         for sub in subdirs:
@@ -99,6 +104,15 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
 
     walk(root)
     return entries, problems
+
+
+def _printable(rel: str) -> str:
+    """`rel` itself, or with the bytes of a non-UTF-8 name escaped (`caf\\xe9.png`)."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
 def _is_index_dir(path: Path) -> bool:
@@ -137,7 +151,7 @@ def open_image(
 
     `draft(width, height)` gives the smallest size needed, so a JPEG can decode at a reduced scale
     (DCT scaling) when it is at least twice that size: most of the decode cost of a large photo.
-    The original size is kept in `img.info["original_size"]`.
+    The original size, as displayed (after rotation), is kept in `img.info["original_size"]`.
     """
     path = Path(path)
     try:
@@ -150,6 +164,8 @@ def open_image(
                 if draft is not None and img.format == "JPEG":
                     img.draft("RGB", draft(*original))
                 img.load()
+                if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn 90 degrees
+                    original = original[::-1]  # the size as displayed, like the pixels we embed
                 img = _to_rgb(ImageOps.exif_transpose(img) or img)
                 img.info["original_size"] = original
                 return img
@@ -191,8 +207,15 @@ class Transform:
         w, h = img.size
         scale = pre.resize / min(w, h)
         nw, nh = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
-        img = img.resize((nw, nh), self.resample, reducing_gap=3.0)
         left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
+        if nw * nh > 16 * pre.size * pre.size:
+            # A very thin image (1 x 10,000 px) would be resized to 256 x 2,560,000 only to keep a
+            # 224 px square: resample just the source box that becomes the crop. Memory stays
+            # bounded; ordinary aspect ratios keep the resize-then-crop path, pixel for pixel.
+            sx, sy = w / nw, h / nh
+            box = (left * sx, top * sy, (left + pre.size) * sx, (top + pre.size) * sy)
+            return img.resize((pre.size, pre.size), self.resample, box=box, reducing_gap=3.0)
+        img = img.resize((nw, nh), self.resample, reducing_gap=3.0)
         return img.crop((left, top, left + pre.size, top + pre.size))
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:

@@ -10,14 +10,13 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -70,6 +69,8 @@ class ProjectionParams:
             raise RetrieveError("perplexity must be > 0, n_neighbors >= 2 and pca_dims >= 0")
         if self.tsne_early_iters < 0 or self.tsne_iters < 1:
             raise RetrieveError("t-SNE needs at least one iteration")
+        if not 0 <= self.min_dist <= 1:  # UMAP's own check would be a traceback
+            raise RetrieveError(f"--min-dist must be between 0 and 1, not {self.min_dist}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,14 @@ class MapConfig:
             raise RetrieveError("the grid needs at least one column and one row")
         if self.jobs is not None and self.jobs < 1:
             raise RetrieveError("jobs must be at least 1")
+        # The file's name should say what is in it: a PNG named .html (or the reverse) opens as garbage.
+        suffix = Path(self.out).suffix.lower()
+        if self.grid is not None and suffix in (".html", ".htm"):
+            raise RetrieveError(f"--grid writes a PNG image; name the output .png, not {self.out}")
+        if self.grid is None and suffix == ".png":
+            raise RetrieveError(
+                f"the map is an HTML page; name the output .html, not {self.out} (or add --grid for a PNG)"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MapConfig:
@@ -149,7 +158,7 @@ class Projection:
     @property
     def variance_note(self) -> str:
         ev = self.explained_variance
-        if not ev:
+        if not ev or len(self.coords) < 3:  # one or two points have no variance worth a note
             return ""
         if self.params.method == "pca":
             return ", ".join(f"PC{i + 1} {v:.1%}" for i, v in enumerate(ev)) + " of the variance"
@@ -561,19 +570,17 @@ def page_payload(page: MapPage) -> dict[str, Any]:
 
 
 def _atomic_write_bytes(path: Path, chunks: Iterable[bytes]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Stream `chunks` into `path` atomically; returns the number of bytes written."""
+    from retrieval.atomic import atomic_write
+
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for c in chunks:
-                fh.write(c)
-                n += len(c)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(fh: IO[bytes]) -> None:
+        nonlocal n
+        for c in chunks:
+            n += fh.write(c)
+
+    atomic_write(path, write)
     return n
 
 

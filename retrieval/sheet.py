@@ -264,6 +264,10 @@ def write_sheet(
     from retrieval.atomic import atomic_write
 
     out = Path(out)
+    if out.suffix.lower() == ".png":  # the PNG beside it would overwrite the page
+        raise RetrieveError(
+            f"the sheet is an HTML page with a PNG written beside it; name it .html, not {out}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     page = render_html(blocks, title, note).encode("utf-8")

@@ -16,8 +16,10 @@ run with the same settings reuses every staged shard and finishes the work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -29,13 +31,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval.atomic import atomic_write
-from retrieval.errors import EmptyInputError, IndexFormatError, IndexNotFoundError
+from retrieval.atomic import atomic_write, write_json
+from retrieval.errors import EmptyInputError, IndexFormatError, IndexNotFoundError, RetrieveError
 
 FORMAT = "retrieve-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+LOCK = ".lock"
+GENERATION = re.compile(r"gen-\d{6}")
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -51,10 +55,6 @@ METADATA_SCHEMA = pa.schema(
 
 # ----------------------------------------------------------------------------------------------
 # Atomic file writes
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -73,6 +73,59 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer at a time
+
+
+@contextlib.contextmanager
+def writer_lock(index_dir: Path) -> Iterator[None]:
+    """Hold the index folder's write lock, or fail at once if another run holds it.
+
+    Two runs on one folder share `.staging/` and delete it under each other at commit, so the
+    second one must not start. The lock is an advisory `flock` on `.lock`: the kernel drops it when
+    its holder dies, so a killed run never leaves the folder locked.
+    """
+    if index_dir.exists() and not index_dir.is_dir():
+        raise IndexFormatError(f"{index_dir} is a file, not an index folder; choose another --index.")
+    created = not index_dir.exists()
+    index_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _flock(index_dir / LOCK):
+            yield
+    finally:
+        # A run that failed before writing anything (a bad --backbone, say) leaves no empty folder.
+        if created and {p.name for p in index_dir.iterdir()} <= {LOCK}:
+            shutil.rmtree(index_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, the caller is trusted to run one job
+        yield
+        return
+    index_dir = path.parent
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise RetrieveError(
+                f"Another `retrieve index` (pid {holder}) is writing to {index_dir}; wait for it to "
+                "finish, or write to another --index."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,19 +325,50 @@ def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
         raise IndexNotFoundError(f"No index at {index_dir} (no {MANIFEST}). Build one with `retrieve index`.")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IndexFormatError(f"{path} is not readable JSON: {exc}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IndexFormatError(f"{path} is not a retrieve index manifest.")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{index_dir} was written by a newer retrieve (format {manifest['format_version']}); upgrade."
-        )
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int):
+        raise IndexFormatError(f"{path} is damaged: format_version is {version!r}, not a number.")
+    if version > FORMAT_VERSION:
+        raise IndexFormatError(f"{index_dir} was written by a newer retrieve (format {version}); upgrade.")
+    _check_fields(path, manifest)
     gen = index_dir / manifest["generation"]
     missing = [f for f in ["metadata.parquet", *manifest["vector_files"]] if not (gen / f).exists()]
     if missing:
         raise IndexFormatError(f"{index_dir} is damaged: {gen.name} lacks {', '.join(missing)}.")
     return manifest
+
+
+# What readers rely on, with the type each must have. A hand-edited or truncated manifest fails
+# here with one message instead of a KeyError deep inside a command.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "root": str,
+    "backbone": str,
+    "weights": dict,
+    "preprocess": dict,
+    "dim": int,
+    "metric": str,
+    "generation": str,
+    "vector_files": list,
+    "counts": dict,
+}
+
+
+def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    wrong = [k for k, t in _FIELDS.items() if not isinstance(manifest.get(k), t)]
+    if "counts" not in wrong and not isinstance(manifest["counts"].get("indexed"), int):
+        wrong.append("counts")
+    if wrong:
+        raise IndexFormatError(f"{path} is damaged: missing or malformed {', '.join(wrong)}.")
+    # Names inside the index folder only: a manifest must not lead readers anywhere else.
+    files = manifest["vector_files"]
+    if not GENERATION.fullmatch(manifest["generation"]) or not all(
+        isinstance(f, str) and re.fullmatch(r"vectors-\d{5}\.npy", f) for f in files
+    ):
+        raise IndexFormatError(f"{path} is damaged: it names files outside the index's own layout.")
 
 
 def generation_dir(index_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
@@ -294,7 +378,15 @@ def generation_dir(index_dir: str | os.PathLike, manifest: dict[str, Any]) -> Pa
 def load_vectors(index_dir: str | os.PathLike, manifest: dict[str, Any], mmap: bool = True) -> np.ndarray:
     """All vectors in id order (one array; memory-mapped shards are concatenated)."""
     gen = generation_dir(index_dir, manifest)
-    parts = [np.load(gen / f, mmap_mode="r" if mmap else None) for f in manifest["vector_files"]]
+    try:
+        parts = [np.load(gen / f, mmap_mode="r" if mmap else None) for f in manifest["vector_files"]]
+    except (OSError, ValueError, EOFError) as exc:
+        # numpy's ValueError suggests unpickling the file: the wrong advice for a damaged index.
+        why = "not a NumPy array file" if isinstance(exc, ValueError) else str(exc) or type(exc).__name__
+        raise IndexFormatError(f"{index_dir} is damaged: a vector file cannot be read ({why}).") from None
+    dim = int(manifest["dim"])
+    if any(p.ndim != 2 or p.shape[1] != dim or p.dtype != np.float32 for p in parts):
+        raise IndexFormatError(f"{index_dir} is damaged: a vector file is not float32 rows of {dim}.")
     if not parts:
-        return np.zeros((0, int(manifest["dim"])), np.float32)
+        return np.zeros((0, dim), np.float32)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

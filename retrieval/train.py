@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval.atomic import write_json
 from retrieval.backbones import BackboneSpec, Preprocess, get_spec
 from retrieval.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from retrieval.config import known_keys
@@ -837,12 +838,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def confusion_text(conf: np.ndarray, classes: Sequence[str]) -> str:
     """Rows are true classes, columns predicted; a plain fixed-width table."""
     width = max(5, *(len(c) for c in classes), len(str(int(conf.max(initial=0)))))
@@ -908,7 +903,7 @@ def write_report(
         ]
         lines += ["", "confusion matrix (rows: true, columns: predicted):", confusion_text(conf, classes)]
         confusion_png(conf, classes, run_dir / "confusion.png")
-    _write_json(run_dir / "report.json", report)
+    write_json(run_dir / "report.json", report)
     (run_dir / "report.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -1158,7 +1153,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "best.pt", "report.json", "report.txt", "confusion.png"):
             (run_dir / name).unlink(missing_ok=True)
-        _write_json(split_file, split.to_dict())
+        write_json(split_file, split.to_dict())
     info = {
         "config": config.to_dict(),
         "classes": list(classes),
@@ -1172,7 +1167,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__,
     }
-    _write_json(run_dir / "config.json", info)
+    write_json(run_dir / "config.json", info)
     if problems:
         (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in problems))
         rep.message(f"{len(problems)} files skipped (see {run_dir / 'skipped.txt'})")

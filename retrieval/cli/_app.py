@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from retrieval.errors import RetrieveError
 
@@ -29,21 +31,46 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def esc(value: object) -> str:
+    """User data (paths, labels, messages that quote them) made safe to embed in rich markup.
+
+    A folder named `[red]x` would otherwise be styled away, and `a[/]b.png` raises a MarkupError.
+    """
+    return escape(str(value))
+
+
 def exits_cleanly(func: F) -> F:
     """Turn RetrieveError (and Ctrl-C) into one clear line and an exit code instead of a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # `--out=~/x` and quoted "~/x" reach us unexpanded: expand every path argument in one place.
+        kwargs = {k: _expand(v) for k, v in kwargs.items()}
         try:
             return func(*args, **kwargs)
         except RetrieveError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {esc(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `retrieve query ... | head`: the reader left; nothing to report
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            # The file system said no (permission, disk full, a folder where a file was expected):
+            # the OS message names the path and is the whole story.
+            err_console.print(f"[bold red]error:[/] {esc(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.expanduser()
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
 
 
 def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from retrieval.cli._app import command, console, err_console
+from retrieval.cli._app import command, console, err_console, esc
 
 if TYPE_CHECKING:
     from retrieval.evaluate import SpaceResult
@@ -66,7 +67,9 @@ def print_table(results: Sequence[SpaceResult], caption: str) -> None:
     from retrieval.evaluate import best_per_metric
 
     best = best_per_metric(results)
-    table = Table(title=caption, title_justify="left", caption="* best in column", caption_justify="left")
+    table = Table(
+        title=esc(caption), title_justify="left", caption="* best in column", caption_justify="left"
+    )
     table.add_column("space", style="bold")
     table.add_column("dim", justify="right")
     names = list(results[0].metrics)
@@ -78,7 +81,7 @@ def print_table(results: Sequence[SpaceResult], caption: str) -> None:
             v = r.metrics[name]
             text = f"{v:.3f}"
             cells.append(f"[bold green]{text}*[/]" if i in best[name] and len(results) > 1 else text)
-        table.add_row(r.name, str(r.extra.get("dim", "")), *cells)
+        table.add_row(esc(r.name), str(r.extra.get("dim", "")), *cells)
     # Piped or captured output is not squeezed to a terminal's width: numbers and headers stay whole.
     needed = 24 + 10 * (len(names) + 1)
     if console.is_terminal or console.width >= needed:
@@ -93,11 +96,24 @@ def results_json(results: Sequence[SpaceResult], ks: Sequence[int]) -> dict:
     from retrieval.evaluate import best_per_metric
 
     best = best_per_metric(results)
-    return {
-        "ks": list(ks),
-        "spaces": [r.to_dict() for r in results],
-        "best": {m: [results[i].name for i in rows] for m, rows in best.items()},
-    }
+    return _json_safe(
+        {
+            "ks": list(ks),
+            "spaces": [r.to_dict() for r in results],
+            "best": {m: [results[i].name for i in rows] for m, rows in best.items()},
+        }
+    )
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and infinity (a metric with no query to average over) as null: JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def results_csv(results: Sequence[SpaceResult]) -> str:
@@ -147,11 +163,13 @@ def eval_cli(
     if queries is not None:
         query_sets = []
         for idx in spaces:
-            err_console.print(f"embedding queries from {queries} with {idx.path.name}", highlight=False)
+            err_console.print(
+                f"embedding queries from {queries} with {idx.path.name}", highlight=False, markup=False
+            )
             query_sets.append(embed_query_folder(idx, queries, device=device))
     results = evaluate_indexes(spaces, query_sets, ks=ks, full_map=full_map)
     for note in dict.fromkeys(n for r in results for n in r.notes):
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {esc(note)}", highlight=False)
     if as_json:
         console.print_json(json.dumps(results_json(results, ks)))
     elif as_csv:
@@ -192,7 +210,7 @@ def neighbours_cli(
     )
     where = f"queries from {queries}" if queries else f"queries from {spaces[0].path.name} (leave-one-out)"
     html_path, png_path = write_sheet(blocks, out, title=f"Nearest neighbours: {where}")
-    console.print(f"sheet: {html_path}\npng:   {png_path}", highlight=False)
+    console.print(f"sheet: {html_path}\npng:   {png_path}", highlight=False, markup=False)
 
 
 @command("demo")
@@ -239,7 +257,7 @@ def demo_cli(
     remember_last_index(next(p for name, p in report.indexes.items() if name != "pixels"))
     print_table(report.results, report.caption)
     for note in dict.fromkeys(n for r in report.results for n in r.notes):
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        err_console.print(f"[yellow]note:[/] {esc(note)}", highlight=False)
     typer.echo(report.summary())
 
 
@@ -247,7 +265,7 @@ class _DemoProgress:
     """Step lines on stderr (the table and summary go to stdout)."""
 
     def step(self, text: str) -> None:
-        err_console.print(f"[bold cyan]>[/] {text}", highlight=False)
+        err_console.print(f"[bold cyan]>[/] {esc(text)}", highlight=False)
 
     def note(self, text: str) -> None:
-        err_console.print(f"  [dim]{text}[/]", highlight=False)
+        err_console.print(f"  [dim]{esc(text)}[/]", highlight=False)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from retrieval.cli._app import command, console, err_console
+from retrieval.cli._app import command, console, err_console, esc
 
 IndexOpt = Annotated[
     Path | None, typer.Option("--index", "-i", help="Index directory. Default: the last index built.")
@@ -57,8 +57,12 @@ class _RichProgress:
         rate = self._n / max(time.perf_counter() - self._start, 1e-9)
         self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
 
+    # Messages are plain text that may quote paths: printed without markup, styled whole.
     def note(self, message: str) -> None:
-        err_console.print(message, highlight=False)
+        err_console.print(message, highlight=False, markup=False)
+
+    def warn(self, message: str) -> None:
+        err_console.print(message, style="bold yellow", highlight=False, markup=False)
 
     def stop(self) -> None:
         self.bar.stop()
@@ -145,7 +149,7 @@ def index_cli(
         f"{report.images_per_second:,.1f} img/s  [dim]{report.backbone} {report.dim}-d on {report.device}[/]",
         highlight=False,
     )
-    err_console.print(f"index: {report.index}", highlight=False)
+    err_console.print(f"index: {report.index}", highlight=False, markup=False)
     if report.skipped:
         err_console.print("skipped files: `retrieve info --skipped`", highlight=False)
 
@@ -187,11 +191,12 @@ def query_cli(
         console.print_json(json.dumps(payload))
         return
     for q, hits in results:
-        table = Table(title=f"{q}  [dim]({idx.manifest['backbone']}, {idx.metric})[/]", title_justify="left")
+        title = f"{esc(q)}  [dim]({idx.manifest['backbone']}, {idx.metric})[/]"
+        table = Table(title=title, title_justify="left")
         for col, just in [("rank", "right"), ("distance", "right"), ("path", "left"), ("label", "left")]:
             table.add_column(col, justify=just)
         for h in hits:
-            table.add_row(str(h.rank), f"{h.distance:.4f}", h.path, h.label)
+            table.add_row(str(h.rank), f"{h.distance:.4f}", esc(h.path), esc(h.label))
         console.print(table)
 
 
@@ -215,7 +220,7 @@ def info_cli(
     if as_json:
         console.print_json(json.dumps({**m, "path": str(idx.path)}))
         return
-    table = Table(show_header=False, title=str(idx.path), title_justify="left")
+    table = Table(show_header=False, title=esc(idx.path), title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     w = m["weights"]
@@ -230,12 +235,13 @@ def info_cli(
         ("generation", f"{m['generation']}  committed {m['committed']}"),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, esc(value))
     console.print(table)
     ledger = idx.skipped()
     if ledger:
         kinds = Counter(r["reason"].split(":")[0] for r in ledger)
-        console.print("skipped: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()), highlight=False)
+        summary = "skipped: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+        console.print(summary, highlight=False, markup=False)
         if skipped:
             for r in ledger:
                 console.print(f"  {r['path']}: {r['reason']}", highlight=False, markup=False)

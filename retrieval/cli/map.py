@@ -94,7 +94,7 @@ def map_cli(
         highlight=False,
     )
     if report.variance_note:
-        err_console.print(report.variance_note, highlight=False)
+        err_console.print(report.variance_note, highlight=False, markup=False)
     if report.missing:
         err_console.print(
             f"[yellow]{report.missing} images could not be read[/] (placeholders on the map)", highlight=False

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from retrieval.cli._app import command, console, err_console
+from retrieval.cli._app import command, console, err_console, esc
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -248,14 +248,16 @@ def train_cli(
     where = result.run_dir
     if result.interrupted:
         err_console.print(
-            f"[yellow]stopped[/] after {result.epochs_completed} epochs; state saved to {result.last_checkpoint}. "
-            f"Continue with: retrieve train --resume {where}"
+            f"[yellow]stopped[/] after {result.epochs_completed} epochs; state saved to "
+            f"{esc(result.last_checkpoint)}. Continue with: retrieve train --resume {esc(where)}"
         )
         raise typer.Exit(130)
     acc = "n/a (no validation images)" if result.best_val_acc is None else f"{result.best_val_acc:.1%}"
     console.print(
         f"best validation accuracy {acc} at epoch {result.best_epoch}; report in {where / 'report.txt'}\n"
-        f"index with: retrieve index IMAGES --weights {result.best_checkpoint}"
+        f"index with: retrieve index IMAGES --weights {result.best_checkpoint}",
+        highlight=False,
+        markup=False,
     )
 
 
@@ -278,7 +280,7 @@ def _rich_reporter() -> TrainReporter:
             self.task: TaskID | None = None
 
         def message(self, text: str) -> None:
-            err_console.print(f"[dim]{text}[/]", highlight=False)
+            err_console.print(text, style="dim", highlight=False, markup=False)
 
         def step(self, epoch: int, step: int, steps: int) -> None:
             if self.task is None:
