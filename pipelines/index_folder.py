@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines.runner import StageTimer
 from retrieval.config import IndexConfig
 from retrieval.errors import EmptyInputError, RetrieveError
@@ -161,6 +163,13 @@ def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
                     vectors = (
                         forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
                     )
+                    if len(vectors) and not np.isfinite(vectors).all():
+                        # FAISS would index them and then never return them: stop with the cause.
+                        bad = batch.rows[int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])]["path"]
+                        raise RetrieveError(
+                            f"The backbone gives NaN or infinite features (first for {bad}); nothing "
+                            "from this run is committed. Check the weights, or try --dtype float32."
+                        )
                 with timer.stage("write"):
                     staging.add(vectors, batch.rows, batch.skipped)
                 embedded += len(batch.rows)

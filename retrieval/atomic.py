@@ -46,7 +46,12 @@ def replace_target(path: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(fileobj)` on a temporary file in the target's folder, then `os.replace` it."""
     path = replace_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RetrieveError(
+            f"Cannot write {path}: a part of {path.parent} is a file, not a folder."
+        ) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600; give the file the mode `open()` would (0666 less the umask), so

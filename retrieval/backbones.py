@@ -470,6 +470,11 @@ def load_backbone(
             raise CheckpointError(
                 f"Checkpoint {weights_str} does not fit {spec.name}: {str(exc).splitlines()[0]}"
             ) from None
+        if not all(torch.isfinite(t).all() for t in ckpt.state_dict.values() if t.is_floating_point()):
+            raise CheckpointError(
+                f"Checkpoint {weights_str} holds NaN or infinite weights (its training diverged); "
+                "its features would be meaningless. Train again with a lower --lr."
+            )
         preprocess = ckpt.preprocess
         classes = ckpt.classes
         info = WeightsInfo("checkpoint", Path(weights_str).name, _state_sha256(model))

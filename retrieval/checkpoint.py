@@ -52,7 +52,9 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).splitlines()  # empty for some errors (an empty file gives IndexError(""))
-    return lines[0][:200] if lines else "no details"
+    if not lines:
+        return "no details"
+    return lines[0] if len(lines[0]) <= 300 else lines[0][:300].rsplit(" ", 1)[0] + " ..."
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -59,6 +59,7 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
     entries: list[ImageFileEntry] = []
     problems: list[tuple[str, str]] = []
     seen_dirs: set[tuple[int, int]] = set()
+    real_root = root.resolve()
 
     def walk(directory: Path) -> None:
         try:
@@ -83,7 +84,11 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
             rel = path.relative_to(root).as_posix()
             try:
                 if child.is_dir(follow_symlinks=True):
-                    if not _is_index_dir(path):  # an index inside the folder it indexes
+                    # A link to a folder inside the root is walked where it really is: followed
+                    # here, it would claim that folder's images under its own name (its class
+                    # would vanish into the link's). Links to folders elsewhere are followed.
+                    inside = child.is_symlink() and path.resolve().is_relative_to(real_root)
+                    if not inside and not _is_index_dir(path):  # an index inside the folder it indexes
                         subdirs.append(path)
                     continue
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:

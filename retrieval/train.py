@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,16 @@ AUGMENTS = ("auto", "crop", "rrc", "none")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
 VAL_SPLIT_NAMES = ("val", "validation", "test")
+# The files of a run directory that a run writes (config.json and split.json are written first).
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "metrics.jsonl",
+    "skipped.txt",
+    "report.json",
+    "report.txt",
+    "confusion.png",
+)
 # Fields that `--resume` may change: where and how the run executes, never what it computes.
 RESUME_OVERRIDES = ("device", "dtype", "workers", "compile", "cache_mb", "stop_after_epochs")
 # What a None field becomes when the architecture's recipe (BackboneSpec.recipe) does not set it.
@@ -128,6 +138,23 @@ class TrainConfig:
             raise RetrieveError("--norm-bias-lr-scale must be above 0.")
         if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
             raise RetrieveError("--stop-after-epochs must be at least 1.")
+        # NaN passes every `<` test, so each bound is written as what must hold.
+        checks = [
+            ("--lr", self.lr, lambda v: 0 < v < math.inf, "a positive finite number"),
+            (
+                "--weight-decay",
+                self.weight_decay,
+                lambda v: 0 <= v < math.inf,
+                "0 or a positive finite number",
+            ),
+            ("--warmup-epochs", self.warmup_epochs, lambda v: 0 <= v < math.inf, "0 or more epochs"),
+            ("--grad-clip", self.grad_clip, lambda v: 0 < v < math.inf, "a positive finite norm"),
+        ]
+        for flag, value, ok, what in checks:
+            if value is not None and not ok(value):
+                raise RetrieveError(f"{flag} must be {what}, not {value}.")
+        if not 0 <= self.seed < 2**32:
+            raise RetrieveError(f"--seed must be in [0, 2**32), not {self.seed}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (paths as strings): written to config.json and into every checkpoint."""
@@ -176,6 +203,7 @@ class TrainResult:
     interrupted: bool  # stopped by Ctrl-C (last.pt holds the state to resume from)
     preprocess: Preprocess
     seconds: float
+    finished: bool = True  # every epoch of the schedule is done (not stopped by --stop-after-epochs)
 
 
 class TrainReporter:
@@ -234,6 +262,10 @@ def _labelled(root: Path, prefix: str) -> tuple[dict[str, list[str]], list[tuple
             problems.append((f"{prefix}{e.relpath}", "not inside a class folder"))
             continue
         by_class.setdefault(cls_name, []).append(f"{prefix}{e.relpath}")
+    empty = sorted(
+        d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in by_class
+    )
+    problems += [(f"{prefix}{name}/", "class folder with no images: not a class") for name in empty]
     return by_class, problems
 
 
@@ -623,6 +655,10 @@ def build_model(
         )
     if pretrained is None:
         return spec.builder(num_classes, in_channels), None
+    if spec.weights is None:
+        raise RetrieveError(
+            f"{spec.name} has no ImageNet weights to fine-tune; drop --pretrained to train it from scratch."
+        )
     from retrieval.backbones import _load_imagenet, imagenet_preprocess
     from retrieval.errors import WeightsUnavailableError
 
@@ -933,13 +969,30 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a torn line (a kill during the append) sorts last, dropped."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return math.inf
+
+
 def _resume_config(config: TrainConfig) -> tuple[TrainConfig, Checkpoint, Path]:
     assert config.resume is not None
-    path = Path(config.resume)
+    path = Path(config.resume).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"No training run at {path} to resume.")
     ckpt_path = path / "last.pt" if path.is_dir() else path
     if path.is_dir() and not ckpt_path.is_file():
+        started = (path / "config.json").is_file()
         raise CheckpointError(
-            f"{path} has no last.pt to resume from (is it a `retrieve train` run directory?)."
+            f"{path} has no last.pt to resume from: "
+            + (
+                "the run stopped before its first epoch ended, so there is nothing to continue; "
+                f"start it again with `retrieve train DATA --out {path}`."
+                if started
+                else "it is not a `retrieve train` run directory."
+            )
         )
     ckpt = load_checkpoint(ckpt_path)
     state = ckpt.extra.get("resume") if isinstance(ckpt.extra, dict) else None
@@ -951,6 +1004,22 @@ def _resume_config(config: TrainConfig) -> tuple[TrainConfig, Checkpoint, Path]:
     saved_cfg = TrainConfig.from_dict(saved)
     if saved_cfg.arch != ckpt.arch:
         raise CheckpointError(f"{ckpt_path} says arch {ckpt.arch!r} but its config says {saved_cfg.arch!r}.")
+    # A resumed run computes what it started computing. A field set away from its default that
+    # disagrees with the run is a mistake to report, not a setting to drop (a flag given at its
+    # default value cannot be told apart from an absent one, and is ignored).
+    fixed = {f.name: f.default for f in fields(TrainConfig)}
+    for name in (*RESUME_OVERRIDES, "data", "out", "resume", "overwrite"):
+        fixed.pop(name)
+    conflicts = [
+        f"--{k.replace('_', '-')} {getattr(config, k)} (the run has {getattr(saved_cfg, k)})"
+        for k, default in fixed.items()
+        if getattr(config, k) != default and getattr(config, k) != getattr(saved_cfg, k)
+    ]
+    if conflicts:
+        raise RetrieveError(
+            f"--resume continues {ckpt_path.parent} as it was started; it cannot change "
+            f"{'; '.join(conflicts)}. Start a new run (--out) to train differently."
+        )
     overrides = {k: getattr(config, k) for k in RESUME_OVERRIDES}
     if config.data is not None:
         overrides["data"] = config.data  # the images may have moved
@@ -987,8 +1056,11 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         config, ckpt, run_dir = _resume_config(config)
     else:
         assert config.out is not None
-        run_dir = Path(config.out)
-        has_run = (run_dir / "last.pt").exists() or (run_dir / "config.json").exists()
+        run_dir = Path(config.out).expanduser()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RetrieveError(f"--out {run_dir} is a file; give a folder for the run.")
+        # A run killed before its first epoch ended left no state worth keeping: start it afresh.
+        has_run = (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()
         if has_run and not config.overwrite:
             raise RetrieveError(
                 f"{run_dir} already holds a training run. Continue it with --resume {run_dir}, "
@@ -1010,8 +1082,19 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
 
     # ---- data
     split_file = run_dir / "split.json"
+    if ckpt is not None and not data.is_dir():
+        raise EmptyInputError(
+            f"The run's data folder {data} is not there any more; if it moved, give its new place: "
+            f"retrieve train NEW_FOLDER --resume {run_dir}"
+        )
     if ckpt is not None and split_file.is_file():
-        split = Split.from_dict(json.loads(split_file.read_text()))
+        try:
+            split = Split.from_dict(json.loads(split_file.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{split_file} is damaged ({type(exc).__name__}); without it the run's train/validation "
+                "split is unknown and the run cannot be resumed."
+            ) from None
     else:
         split = discover(data, config.val_fraction, config.seed)
     if ckpt is not None and tuple(ckpt.classes) != split.classes:
@@ -1041,6 +1124,8 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
     size = config.image_size or base.size
     if spec.name == "lenet" and size != 32:
         raise RetrieveError("LeNet-5 takes 32x32 inputs; use --image-size 32 (smaller images are upscaled).")
+    if config.crop_pad is not None and config.crop_pad >= size:
+        raise RetrieveError(f"--crop-pad {config.crop_pad} must be smaller than the {size} px training side.")
     mode = config.augment if config.augment != "auto" else ("crop" if size <= 64 else "rrc")
     # rrc zooms into a slightly larger stored image; evaluation centre-crops it (the 224/256 rule).
     stored = round(size / 0.875) if mode == "rrc" else size
@@ -1052,7 +1137,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
     budget = (_available_memory() // 4) if config.cache_mb is None else config.cache_mb << 20
     cache = need <= budget
     rep.message(
-        f"{len(train_paths)} training and {len(val_paths)} validation images in {k} classes; "
+        f"{len(train_paths)} training and {len(val_paths)} validation files in {k} classes; "
         + (
             f"decoding them once into memory ({need / 2**20:.0f} MiB at {stored}px)"
             if cache
@@ -1151,7 +1236,9 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         )
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "best.pt", "report.json", "report.txt", "confusion.png"):
+        # Everything a previous run in this folder wrote: a crash of the new one must not leave the
+        # old last.pt (or its skip list) to be resumed or read as this run's.
+        for name in (*RUN_FILES, "split.json"):
             (run_dir / name).unlink(missing_ok=True)
         write_json(split_file, split.to_dict())
     info = {
@@ -1178,11 +1265,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
     # metrics.jsonl keeps only epochs the checkpoint has seen (a kill between the two files is harmless).
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.exists():
-        kept = [
-            ln
-            for ln in metrics_file.read_text().splitlines()
-            if ln and json.loads(ln)["epoch"] <= start_epoch
-        ]
+        kept = [ln for ln in metrics_file.read_text().splitlines() if _epoch_of(ln) <= start_epoch]
         metrics_file.write_text("".join(ln + "\n" for ln in kept))
 
     def checkpoint(epoch: int, step: int, part: dict[str, Any]) -> Checkpoint:
@@ -1211,6 +1294,8 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
     history: list[EpochStats] = []
     interrupted = False
     completed = start_epoch
+    if start_epoch >= config.epochs:
+        rep.message(f"{run_dir} has already finished all {config.epochs} epochs: nothing to train")
     session_start = time.perf_counter()
     epoch_times: list[float] = []
     end_epoch = config.epochs
@@ -1255,6 +1340,12 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
             session_seconds = time.perf_counter() - t_epoch
             total_seen = int(carried["seen"]) + seen
             train_loss = (float(carried["loss"]) + float(loss_sum)) / max(1, total_seen)
+            if not math.isfinite(train_loss):
+                # Checked before saving: last.pt and best.pt keep the last finite epoch.
+                raise RetrieveError(
+                    f"Training diverged: the loss became {train_loss} in epoch {epoch + 1}. Start a new "
+                    f"run with a lower --lr (this one used {config.lr:g}) or with --grad-clip 1."
+                )
             train_acc = (int(carried["correct"]) + int(correct)) / max(1, total_seen)
             val_loss = val_acc = None
             conf = None
@@ -1319,6 +1410,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         interrupted=interrupted,
         preprocess=pre,
         seconds=time.perf_counter() - t_start,
+        finished=completed >= config.epochs,
     )
 
 

@@ -291,3 +291,170 @@ def test_eval_json_is_strict_json_and_one_label_is_flagged(tmp_path: Path, sampl
     _pixels(tmp_path / "flat", tmp_path / "idx1")
     r = invoke("eval", tmp_path / "idx1")
     assert r.exit_code == 0 and "every indexed image has the same label" in r.output.replace("\n", " ")
+
+
+# -- train ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 12 grey 32 px images: a LeNet epoch takes well under a second."""
+    from retrieval.samples import SampleConfig, make_samples
+
+    cfg = SampleConfig(per_class=12, test_per_class=0, size=32, classes=("circle", "square", "triangle"))
+    return make_samples(tmp_path_factory.mktemp("small"), cfg) / "train"
+
+
+def _train(data: Path | None, out: Path | None, reporter=None, **kw):
+    from retrieval.train import TrainConfig, train
+
+    base = dict(arch="lenet", channels=1, epochs=2, batch_size=8, workers=1, val_fraction=0.25)
+    return train(TrainConfig(data=data, out=out, **{**base, **kw}), reporter)
+
+
+class _Crash:
+    """A reporter that makes the run die (not Ctrl-C) at its first step, like a kill."""
+
+    def message(self, text: str) -> None: ...
+    def epoch(self, stats) -> None: ...
+    def close(self) -> None: ...
+
+    def step(self, epoch: int, step: int, steps: int) -> None:
+        raise SystemError("killed")
+
+
+def test_resume_refuses_flags_that_change_the_run_and_says_when_it_is_done(
+    small: Path, tmp_path: Path
+) -> None:
+    from retrieval.train import TrainConfig, train
+
+    _train(small, tmp_path / "run")
+    with pytest.raises(RetrieveError, match=r"cannot change --epochs 3 \(the run has 2\).*--optimizer adamw"):
+        train(TrainConfig(data=None, out=None, resume=tmp_path / "run", epochs=3, optimizer="adamw"))
+    notes: list[str] = []
+
+    class Notes:
+        def message(self, text: str) -> None:
+            notes.append(text)
+
+        def step(self, *a) -> None:
+            raise AssertionError("a finished run trained again")
+
+        def epoch(self, stats) -> None: ...
+        def close(self) -> None: ...
+
+    result = train(TrainConfig(data=None, out=None, resume=tmp_path / "run", epochs=2), Notes())  # type: ignore[arg-type]
+    assert result.finished and any("already finished all 2 epochs" in n for n in notes)
+
+
+def test_overwrite_removes_the_old_runs_state_before_anything_else(small: Path, tmp_path: Path) -> None:
+    _train(small, tmp_path / "run")
+    (tmp_path / "run" / "skipped.txt").write_text("other/data.png\tbroken\n")
+    with pytest.raises(SystemError):
+        _train(small, tmp_path / "run", reporter=_Crash(), overwrite=True, arch="resnet8_small")
+    left = {p.name for p in (tmp_path / "run").iterdir()}
+    assert not left & {"last.pt", "best.pt", "skipped.txt", "metrics.jsonl"}, left
+
+
+def test_a_run_killed_in_its_first_epoch_can_simply_be_started_again(small: Path, tmp_path: Path) -> None:
+    from retrieval.train import TrainConfig, train
+
+    with pytest.raises(SystemError):
+        _train(small, tmp_path / "run", reporter=_Crash())
+    assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(RetrieveError, match=r"stopped before its first epoch ended.*start it again"):
+        train(TrainConfig(data=None, out=None, resume=tmp_path / "run"))
+    assert _train(small, tmp_path / "run").epochs_completed == 2  # no "already holds a run"
+
+
+def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_split(small: Path, tmp_path: Path) -> None:
+    from retrieval.train import TrainConfig, train
+
+    _train(small, tmp_path / "run", epochs=3, stop_after_epochs=1)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])  # the append a kill cut short
+    result = train(TrainConfig(data=None, out=None, resume=tmp_path / "run"))
+    assert result.finished and [json.loads(ln)["epoch"] for ln in metrics.read_text().splitlines()] == [2, 3]
+    _train(small, tmp_path / "run2", epochs=3, stop_after_epochs=1)
+    (tmp_path / "run2" / "split.json").write_text("{bad")
+    with pytest.raises(RetrieveError, match=r"split.json is damaged"):
+        train(TrainConfig(data=None, out=None, resume=tmp_path / "run2"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", -1.0, "--lr must be a positive finite number"),
+        ("lr", float("nan"), "--lr must be"),
+        ("lr", float("inf"), "--lr must be"),
+        ("weight_decay", -1.0, "--weight-decay must be"),
+        ("warmup_epochs", float("nan"), "--warmup-epochs must be"),
+        ("grad_clip", 0.0, "--grad-clip must be"),
+        ("seed", -1, "--seed must be in"),
+    ],
+)
+def test_bad_training_numbers_are_refused_up_front(field: str, value: float, message: str) -> None:
+    from retrieval.train import TrainConfig
+
+    with pytest.raises(RetrieveError, match=message):
+        TrainConfig(data=Path("."), out=Path("x"), **{field: value})
+
+
+def test_bad_training_setups_are_one_clear_line(small: Path, tmp_path: Path) -> None:
+    with pytest.raises(RetrieveError, match="--crop-pad 100 must be smaller than the 32 px"):
+        _train(small, tmp_path / "a", crop_pad=100)
+    with pytest.raises(RetrieveError, match="no ImageNet weights to fine-tune"):
+        _train(small, tmp_path / "b", pretrained="imagenet")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RetrieveError, match="is a file"):
+        _train(small, tmp_path / "afile")
+    with pytest.raises(RetrieveError, match="No training run at"):
+        _train(None, None, resume=tmp_path / "nowhere")
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(small: Path, tmp_path: Path) -> None:
+    from retrieval.backbones import load_backbone
+    from retrieval.checkpoint import load_checkpoint, save_checkpoint
+
+    with pytest.raises(RetrieveError, match="Training diverged"):
+        _train(small, tmp_path / "run", lr=1e30, optimizer="sgd", grad_clip=None)
+    assert not (tmp_path / "run" / "last.pt").exists()  # no NaN weights were saved
+    # A checkpoint that holds NaN anyway (written by other code) is refused by index and viz.
+    good = _train(small, tmp_path / "ok", epochs=1)
+    ckpt = load_checkpoint(good.best_checkpoint)
+    next(iter(ckpt.state_dict.values())).view(-1)[0] = float("nan")
+    save_checkpoint(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(RetrieveError, match="NaN or infinite weights"):
+        load_backbone(weights=tmp_path / "nan.pt")
+
+
+def test_a_link_to_another_class_folder_does_not_swallow_that_class(small: Path, tmp_path: Path) -> None:
+    from retrieval.train import discover
+
+    shutil.copytree(small, tmp_path / "data")
+    (tmp_path / "data" / "circle" / "sq").symlink_to("../square")
+    split = discover(tmp_path / "data", val_fraction=0)
+    assert split.classes == ("circle", "square", "triangle")
+    labels = {p: split.classes[i] for p, i in split.train}
+    assert all(c == p.split("/")[0] for p, c in labels.items()) and len(labels) == 36
+
+
+def test_stop_after_epochs_says_how_to_continue_and_moved_data_is_named(small: Path, tmp_path: Path) -> None:
+    args = ["train", small, "--arch", "lenet", "--channels", "1", "--epochs", "3", "--batch-size", "8"]
+    r = invoke(*args, "--stop-after-epochs", "1", "--out", tmp_path / "run", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    assert "stopped after 1 epochs (--stop-after-epochs); continue with: retrieve train --resume" in " ".join(
+        r.output.split()
+    )
+    moved = tmp_path / "moved"
+    shutil.copytree(small, moved)
+    # The checkpoint's copy of the config is what resume reads: point it at a folder that is gone.
+    from retrieval.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt.extra["config"]["data"] = str(tmp_path / "gone")
+    save_checkpoint(ckpt, tmp_path / "run" / "last.pt")
+    r = invoke("train", "--resume", tmp_path / "run")
+    assert r.exit_code == 2 and "is not there any more" in " ".join(r.output.split()), r.output
+    r = invoke("train", moved, "--resume", tmp_path / "run")
+    assert r.exit_code == 0, r.output

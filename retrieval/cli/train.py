@@ -252,6 +252,13 @@ def train_cli(
             f"{esc(result.last_checkpoint)}. Continue with: retrieve train --resume {esc(where)}"
         )
         raise typer.Exit(130)
+    if not result.finished:
+        err_console.print(
+            f"stopped after {result.epochs_completed} epochs (--stop-after-epochs); continue with: "
+            f"retrieve train --resume {where}",
+            highlight=False,
+            markup=False,
+        )
     acc = "n/a (no validation images)" if result.best_val_acc is None else f"{result.best_val_acc:.1%}"
     console.print(
         f"best validation accuracy {acc} at epoch {result.best_epoch}; report in {where / 'report.txt'}\n"

@@ -49,15 +49,16 @@ class DreamConfig:
             raise RetrieveError(f"Unknown init {self.init!r}; choose {' or '.join(INITS)}.")
         if self.steps < 1:
             raise RetrieveError("steps must be at least 1")
-        if not self.lr > 0:
-            raise RetrieveError(f"lr must be positive, not {self.lr}")
-        if self.l2 < 0:
-            raise RetrieveError(f"l2 must be at least 0, not {self.l2}")
+        # Written as what must hold, so NaN and infinity fail too.
+        if not 0 < self.lr < math.inf:
+            raise RetrieveError(f"lr must be positive and finite, not {self.lr}")
+        if not 0 <= self.l2 < math.inf:
+            raise RetrieveError(f"l2 must be at least 0 and finite, not {self.l2}")
         if self.jitter is not None and self.jitter < 0:
             raise RetrieveError(f"jitter must be at least 0 pixels, not {self.jitter}")
         if self.blur_every < 0:
             raise RetrieveError(f"blur-every must be at least 0 (0 = never), not {self.blur_every}")
-        if self.blur_every and not self.blur_sigma > 0:
+        if self.blur_every and not 0 < self.blur_sigma < math.inf:
             raise RetrieveError(
                 f"blur sigma must be positive, not {self.blur_sigma} (use --blur-every 0 for no blur)"
             )
