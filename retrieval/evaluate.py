@@ -101,20 +101,52 @@ def average_precision(rel: np.ndarray, n_relevant: np.ndarray | None = None) -> 
 
 
 def _ap_from_sorted(rel_d: np.ndarray, sub: np.ndarray, non: np.ndarray) -> np.ndarray:
-    """Per row AP over a whole ranking without sorting it: the m-th relevant item (relevant distances
-    `rel_d` sorted) is at rank m + the number of non-relevant items (`non` masks them in `sub`) closer."""
+    """Per row AP over a whole ranking without sorting it (relevant distances `rel_d` sorted per row;
+    `non` masks the non-relevant items in `sub`).
+
+    Without ties the m-th relevant item (0-based) is at rank m + 1 + the number of non-relevant items
+    closer. Tied distances have no order, so AP is its expectation over every order of each tie
+    group (McSherry & Najork 2008): ties never flatter a space, and an embedding that maps every
+    image to one point scores chance, not 1.0. For a group of t tied items, r of them relevant, with
+    p items and q relevant ones ahead of it, the expected sum of precisions at its relevant items is
+
+        (r/t) * sum_{j=1..t} (q + 1 + (j-1)(r-1)/(t-1)) / (p + j)
+          = (r/t) * (b t + (q + 1 - b(p + 1)) (H(p+t) - H(p))),   b = (r-1)/(t-1)  (0 when t = 1),
+
+    with H the harmonic numbers; untied, it is the usual (q + 1) / (p + 1).
+    """
     import torch
 
-    r = rel_d.shape[1]
+    n, r = rel_d.shape
     boundaries = torch.from_numpy(np.ascontiguousarray(rel_d, dtype=np.float32))
     values = torch.from_numpy(np.ascontiguousarray(np.where(non, sub, np.inf), dtype=np.float32))
-    # Bucket b: non-relevant items with exactly b relevant ones at or before them (ties go to the relevant).
-    bucket = torch.searchsorted(boundaries, values, right=True)
-    counts = torch.zeros(len(sub), r + 1, dtype=torch.int64)
-    counts.scatter_add_(1, bucket, torch.ones_like(bucket))
-    before = torch.cumsum(counts[:, :r], dim=1).numpy()  # non-relevant ahead of the m-th relevant
-    m = np.arange(1, r + 1)
-    return (m / (m + before)).sum(axis=1) / r
+    # right: how many relevant items are at or before each non-relevant one; left: strictly before.
+    right = torch.searchsorted(boundaries, values, right=True)
+    left = torch.searchsorted(boundaries, values, right=False)
+    counts = torch.zeros(n, r + 1, dtype=torch.int64)
+    counts.scatter_add_(1, right, torch.ones_like(right))
+    less = torch.cumsum(counts[:, :r], dim=1).numpy()  # non-relevant strictly closer than the m-th relevant
+    tied = (right > left) & torch.from_numpy(np.ascontiguousarray(non))
+    # A non-relevant item tied with relevant ones belongs to the group that starts at index `left`.
+    eq = torch.zeros(n, r + 1, dtype=torch.int64)
+    eq.scatter_add_(1, torch.where(tied, left, r), tied.long())
+    eq = eq[:, :r].numpy()
+    # Tie groups among the relevant distances: starts, and each group's size.
+    idx = np.broadcast_to(np.arange(r), (n, r))
+    starts = np.ones((n, r), bool)
+    starts[:, 1:] = rel_d[:, 1:] != rel_d[:, :-1]
+    next_start = np.full((n, r), r)
+    if r > 1:
+        following = np.where(starts, idx, r)[:, 1:]
+        next_start[:, :-1] = np.minimum.accumulate(following[:, ::-1], axis=1)[:, ::-1]
+    size = next_start - idx  # relevant items in the group starting here
+    t = size + eq  # all items in that group
+    p = idx + less  # items ahead of it
+    b = np.where(t > 1, (size - 1) / np.maximum(t - 1, 1), 0.0)
+    total = int(p.max(initial=0) + t.max(initial=0))
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, total + 1))])
+    group = (size / t) * (b * t + (idx + 1 - b * (p + 1)) * (harmonic[p + t] - harmonic[p]))
+    return np.where(starts, group, 0.0).sum(axis=1) / r
 
 
 def knn_accuracy(neighbour_codes: np.ndarray, query_codes: np.ndarray, k: int) -> np.ndarray:

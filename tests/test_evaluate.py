@@ -34,6 +34,48 @@ def test_ranked_list_metrics_by_hand() -> None:
         ev.map_at_r(rel[:, :1], r)  # too shallow for R = 2
 
 
+def _expected_ap_by_enumeration(d: np.ndarray, rel: np.ndarray) -> float:
+    """AP averaged over every order of each group of tied distances (exact, for tiny lists)."""
+    import itertools
+
+    groups = [np.flatnonzero(d == v).tolist() for v in np.unique(d)]
+    total, count = 0.0, 0
+    for perms in itertools.product(*(itertools.permutations(g) for g in groups)):
+        hits, s = 0, 0.0
+        for rank, i in enumerate((i for g in perms for i in g), 1):
+            if rel[i]:
+                hits += 1
+                s += hits / rank
+        total, count = total + s / rel.sum(), count + 1
+    return total / count
+
+
+def test_whole_ranking_ap_is_its_expectation_over_tie_orders() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 8))
+        d = rng.integers(0, 3, n).astype(np.float32)  # few values: many ties, across relevance
+        rel = rng.random(n) < 0.5
+        rel[0] = True
+        got = ev._ap_from_sorted(np.sort(d[rel])[None], d[~rel][None], np.ones((1, int((~rel).sum())), bool))
+        assert got[0] == pytest.approx(_expected_ap_by_enumeration(d, rel), abs=1e-12)
+
+
+def test_a_collapsed_embedding_scores_chance_not_perfect_map() -> None:
+    # Every image mapped to one point: no ranking at all. A random order of n items, R relevant,
+    # has expected AP sum_j P(relevant at j) E[precision at j | relevant] / R (checked on a small
+    # case by enumeration); each query here ranks 19 others, 9 relevant.
+    def chance(n: int, r: int) -> float:
+        return sum((r / n) * (1 + (j - 1) * (r - 1) / (n - 1)) / j for j in range(1, n + 1)) / r
+
+    assert _expected_ap_by_enumeration(np.zeros(6, np.float32), np.arange(6) < 3) == pytest.approx(
+        chance(6, 3)
+    )
+    x = np.zeros((20, 4), np.float32)
+    m = ev.evaluate_vectors(x, ["a"] * 10 + ["b"] * 10, ks=(1,), full_map=True).metrics
+    assert m["mAP"] == pytest.approx(chance(19, 9)) and m["mAP"] < 0.6
+
+
 def test_knn_majority_and_ties_by_hand() -> None:
     codes = np.array([[1, 2, 2, 1, 0]])
     assert ev.knn_accuracy(codes, np.array([1]), 1)[0] == 1.0
