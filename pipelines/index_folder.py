@@ -128,26 +128,29 @@ def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
         "tta": config.tta,
         "dtype": "float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
     }
-    # Staged shards are reused only by a run that would compute the same vectors.
+    # Staged shards are reused only by a run that would compute the same vectors (and that wrote
+    # the same shard layout: 2 added ctime).
     key = {
-        k: manifest[k] for k in ("root", "backbone", "layer", "weights", "preprocess", "dim", "tta", "dtype")
+        "layout": 2,
+        **{
+            k: manifest[k]
+            for k in ("root", "backbone", "layer", "weights", "preprocess", "dim", "tta", "dtype")
+        },
     }
     staging = Staging(index_dir, key, config.shard_rows)
     done = staging.open()
     todo = [
-        e for e in entries if (d := done.get(e.relpath)) is None or (d.size, d.mtime) != (e.size, e.mtime)
+        e
+        for e in entries
+        if (d := done.get(e.relpath)) is None or (d.size, d.mtime, d.ctime) != (e.size, e.mtime, e.ctime)
     ]
     reused = len(entries) - len(todo)
     if reused:
         progress.note(f"resuming: {reused} files already handled by an interrupted run")
+    # Staged every run, even for paths an earlier run embedded: the later shard wins at commit, so a
+    # file that broke since then is ledgered instead of keeping its stale vector.
     staging.add(
-        [],
-        [],
-        [
-            {"path": p, "label": "", "bytes": 0, "mtime": 0.0, "reason": r}
-            for p, r in problems
-            if p not in done
-        ],
+        [], [], [{"path": p, "label": "", "bytes": 0, "mtime": 0.0, "reason": r} for p, r in problems]
     )
 
     batch_size = config.batch_size or default_batch_size(runtime)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from retrieval.errors import IndexFormatError, IndexNotFoundError, RetrieveError
 from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,31 @@ class Index:
         self.dir = generation_dir(self.path, self.manifest)
 
     # -- data ---------------------------------------------------------------------------------
+    # Every read of the generation's files goes through `_read`; what is read is kept for the life of
+    # the handle (vectors stay memory-mapped), so a handle keeps answering from the generation it
+    # opened after `retrieve index` commits a new one (Linux keeps mapped files of removed folders).
+
+    def _read(self, read: Callable[[], T]) -> T:
+        """`read()`, with a damaged-index error explained when the cause is a newer generation."""
+        try:
+            return read()
+        except IndexFormatError:
+            try:
+                now = read_manifest(self.path)["generation"]
+            except RetrieveError:
+                now = "none"
+            if now != self.manifest["generation"]:
+                raise IndexFormatError(
+                    f"{self.path} was rebuilt since it was opened here ({self.manifest['generation']} -> "
+                    f"{now}); open it again."
+                ) from None
+            raise
+
     @cached_property
     def metadata(self):  # -> pyarrow.Table
+        return self._read(self._read_metadata)
+
+    def _read_metadata(self):  # -> pyarrow.Table
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -116,14 +142,26 @@ class Index:
         return int(self.manifest["counts"]["indexed"])
 
     def vectors(self) -> np.ndarray:
-        """All vectors, rows in id order (memory-mapped when the index has one shard)."""
-        return load_vectors(self.path, self.manifest)
+        """All vectors, rows in id order (memory-mapped when the index has one shard; read once)."""
+        return self._vectors
+
+    @cached_property
+    def _vectors(self) -> np.ndarray:
+        return self._read(lambda: load_vectors(self.path, self.manifest))
 
     def skipped(self) -> list[dict[str, Any]]:
+        return self._read(self._read_skipped)
+
+    def _read_skipped(self) -> list[dict[str, Any]]:
+        if not self.dir.is_dir():  # read_jsonl takes a missing file for an empty ledger
+            raise IndexFormatError(f"{self.path} is damaged: {self.dir.name} is missing.")
         return read_jsonl(self.dir / "skipped.jsonl")
 
     @cached_property
     def searcher(self):  # -> ExactIndex
+        return self._read(self._load_searcher)
+
+    def _load_searcher(self):  # -> ExactIndex
         from retrieval.index import ExactIndex
 
         if not (self.dir / "index.faiss").exists():
@@ -182,7 +220,7 @@ class Index:
         from retrieval.index import drop_self
 
         ids = np.array([self.id_of(r) for r in refs], dtype=np.int64)
-        x = np.asarray(self.vectors()[ids], dtype=np.float32)
+        x = self.searcher.reconstruct(ids)  # the rows asked for, not a copy of every shard
         if not exclude_self:
             return self.search_vectors(x, k)
         dist, nb = self.searcher.search(x, min(k + 1, len(self)))

@@ -38,7 +38,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, dict[str, Any]]:
         e = self.entries[i]
-        row = {"path": e.relpath, "label": e.label, "bytes": e.size, "mtime": e.mtime}
+        row = {"path": e.relpath, "label": e.label, "bytes": e.size, "mtime": e.mtime, "ctime": e.ctime}
         try:
             tensor, width, height = load_tensor(e.path, self.transform)
         except BadImageError as exc:

@@ -40,6 +40,9 @@ class ImageFileEntry:
     label: str
     size: int  # bytes
     mtime: float
+    # Status change time: a rename, `mv` over the file or `touch -r` moves it even when size and
+    # mtime stay (files swapped by name, copies made with `cp -p`), so resume re-embeds them.
+    ctime: float = 0.0
 
 
 def label_of(relpath: str, root: Path) -> str:
@@ -103,7 +106,9 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
                 # kept and found again, so it is skipped, shown with its raw bytes escaped.
                 problems.append((_printable(rel), "file name is not valid UTF-8: rename it to index it"))
                 continue
-            entries.append(ImageFileEntry(path, rel, label_of(rel, root), st.st_size, st.st_mtime))
+            entries.append(
+                ImageFileEntry(path, rel, label_of(rel, root), st.st_size, st.st_mtime, st.st_ctime)
+            )
         for sub in subdirs:
             walk(sub)
 

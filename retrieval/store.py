@@ -5,7 +5,7 @@ Layout of an index directory:
     manifest.json           the commit point: names the live generation; replaced atomically
     gen-000001/             one complete, immutable generation
         vectors-00000.npy   float32 vector shards, rows in id order
-        metadata.parquet    id, path (relative to root), label, width, height, bytes, mtime
+        metadata.parquet    id, path (relative to root), label, width, height, bytes, mtime, ctime
         skipped.jsonl       the ledger of files that were not indexed, with reasons
         index.faiss         the FAISS index over all vectors
     .staging/               shards of a run in progress; a re-run with the same settings resumes
@@ -49,6 +49,7 @@ METADATA_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("bytes", pa.int64()),
         ("mtime", pa.float64()),
+        ("ctime", pa.float64()),
     ]
 )
 
@@ -91,13 +92,14 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
         raise IndexFormatError(f"{index_dir} is a file, not an index folder; choose another --index.")
     created = not index_dir.exists()
     index_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with _flock(index_dir / LOCK):
+    with _flock(index_dir / LOCK):
+        try:
             yield
-    finally:
-        # A run that failed before writing anything (a bad --backbone, say) leaves no empty folder.
-        if created and {p.name for p in index_dir.iterdir()} <= {LOCK}:
-            shutil.rmtree(index_dir, ignore_errors=True)
+        finally:
+            # A run that failed before writing anything (a bad --backbone, say) leaves no empty
+            # folder; removed while the lock is held, so no other run can be inside it.
+            if created and {p.name for p in index_dir.iterdir()} <= {LOCK}:
+                shutil.rmtree(index_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -138,6 +140,7 @@ class Done:
 
     size: int
     mtime: float
+    ctime: float
 
 
 class Staging:
@@ -166,13 +169,12 @@ class Staging:
         write_json(key_file, self.key)
         done: dict[str, Done] = {}
         for shard in self.shards():
-            table = pq.read_table(shard.with_suffix(".parquet"), columns=["path", "bytes", "mtime"])
-            for p, b, m in zip(
-                *(table.column(c).to_pylist() for c in ("path", "bytes", "mtime")), strict=True
-            ):
-                done[p] = Done(b, m)
+            cols = ("path", "bytes", "mtime", "ctime")
+            table = pq.read_table(shard.with_suffix(".parquet"), columns=list(cols))
+            for p, b, m, c in zip(*(table.column(c).to_pylist() for c in cols), strict=True):
+                done[p] = Done(b, m, c)
             for row in read_jsonl(shard.with_suffix(".skipped.jsonl")):
-                done[row["path"]] = Done(row["bytes"], row["mtime"])
+                done[row["path"]] = Done(row["bytes"], row["mtime"], row.get("ctime", 0.0))
         self._next = 1 + max((int(s.stem.split("-")[1]) for s in self.shards()), default=-1)
         return done
 

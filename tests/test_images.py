@@ -99,7 +99,7 @@ def test_corpus_indexes_good_files_and_ledgers_bad_ones(tmp_path: Path) -> None:
     import pandas as pd
 
     df = pd.read_parquet(idx.dir / "metadata.parquet")
-    assert list(df.columns) == ["id", "path", "label", "width", "height", "bytes", "mtime"]
+    assert list(df.columns) == ["id", "path", "label", "width", "height", "bytes", "mtime", "ctime"]
     assert (df.loc[df.path == "good/rgb.jpg", ["width", "height"]].values == [[40, 30]]).all()
     assert df.loc[df.path == "good/nested/UPPER.JPG", "label"].item() == "nested"
     assert df.loc[df.path == "link.jpg", "label"].item() == "corpus"

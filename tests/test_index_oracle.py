@@ -85,3 +85,25 @@ def test_save_load_roundtrip(tmp_path) -> None:
     a.save(tmp_path / "i.faiss")
     b = ExactIndex.load(tmp_path / "i.faiss", metric="cosine")
     np.testing.assert_array_equal(a.search(q, 4)[1], b.search(q, 4)[1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_distances_are_exact_for_large_norms_whatever_the_batch(metric: str) -> None:
+    # FAISS's batched kernel (20+ queries) expands |x - y|^2 in float32: with norms near 500 the
+    # query's own row came back at ~0.4 and near-duplicates off by tens of percent.
+    rng = np.random.default_rng(0)
+    db = (rng.random((300, 2048)) * 20).astype(np.float32)
+    db[1] = db[0] + rng.normal(0, 0.002, 2048).astype(np.float32)  # a near-duplicate of row 0
+    index = ExactIndex(metric=metric).fit(db)
+    batched = index.search(db[:64], 5)
+    single = index.search(db[:1], 5)
+    x = normalize_rows(db).astype(np.float64) if metric == "cosine" else db.astype(np.float64)
+    for d, ids in (batched, single):
+        if metric == "l2":  # under cosine the near-duplicate ties with the query at float32 precision
+            assert ids[0, 0] == 0 and d[0, 0] == 0.0
+        if metric == "l2":
+            truth = np.linalg.norm(x[ids[0]] - x[0], axis=1)
+        else:
+            truth = 1.0 - x[ids[0]] @ x[0]
+        np.testing.assert_allclose(d[0], truth, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(batched[0][:1], single[0])

@@ -92,6 +92,70 @@ def test_staging_is_not_reused_across_dtypes(tmp_path: Path, samples: Path) -> N
     assert report.embedded == report.indexed  # nothing embedded in bf16 was mixed in
 
 
+def _interrupted(images: Path, index: Path, after: int) -> None:
+    """An index run stopped (as by Ctrl-C) once `after` files are handled; 1 file a shard."""
+
+    class Stop:
+        seen = 0
+
+        def start(self, *a) -> None: ...
+        def note(self, *a) -> None: ...
+        def warn(self, *a) -> None: ...
+        def stop(self) -> None: ...
+
+        def advance(self, n: int) -> None:
+            Stop.seen += n
+            if Stop.seen >= after:
+                raise KeyboardInterrupt
+
+    cfg = IndexConfig(images=images, index=index, backbone="pixels", workers=0, batch_size=1, shard_rows=1)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(cfg, progress=Stop())  # type: ignore[arg-type]
+
+
+def test_a_file_broken_between_runs_is_ledgered_not_indexed_stale(tmp_path: Path) -> None:
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(4):
+        _png(tmp_path / "imgs" / "a" / f"{i}.png", seed=i)
+    _interrupted(tmp_path / "imgs", tmp_path / "idx", after=2)
+    (tmp_path / "imgs" / "a" / "0.png").unlink()
+    (tmp_path / "imgs" / "a" / "0.png").symlink_to("gone.png")  # embedded before; now cannot be read
+    build_index(IndexConfig(images=tmp_path / "imgs", index=tmp_path / "idx", backbone="pixels", workers=0))
+    idx = open_index(tmp_path / "idx")
+    assert "a/0.png" not in idx.paths and [r["path"] for r in idx.skipped()] == ["a/0.png"]
+
+
+def test_files_swapped_by_name_with_equal_size_and_mtime_are_re_embedded(tmp_path: Path) -> None:
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0), (9, 9, 9)]):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "imgs" / "a" / f"{i}.bmp")  # same size
+        os.utime(tmp_path / "imgs" / "a" / f"{i}.bmp", (1e9, 1e9))  # same mtime, as `cp -p` leaves
+    _interrupted(tmp_path / "imgs", tmp_path / "idx", after=2)
+    a, b = tmp_path / "imgs" / "a" / "0.bmp", tmp_path / "imgs" / "a" / "1.bmp"
+    a.rename(tmp_path / "tmp.bmp")
+    b.rename(a)
+    (tmp_path / "tmp.bmp").rename(b)
+    build_index(IndexConfig(images=tmp_path / "imgs", index=tmp_path / "idx", backbone="pixels", workers=0))
+    _pixels(tmp_path / "imgs", tmp_path / "clean")
+    np.testing.assert_array_equal(
+        open_index(tmp_path / "idx").vectors(), open_index(tmp_path / "clean").vectors()
+    )
+
+
+def test_an_open_index_outlives_a_rebuild_or_says_to_reopen(tmp_path: Path, samples: Path) -> None:
+    shutil.copytree(samples / "test", tmp_path / "imgs")
+    _pixels(tmp_path / "imgs", tmp_path / "idx")
+    used, unused = open_index(tmp_path / "idx"), open_index(tmp_path / "idx")
+    before = used.search_ids([0], k=3)
+    expected = np.array(used.vectors())  # read once: the handle keeps its generation mapped
+    shutil.rmtree(tmp_path / "imgs" / "star")
+    _pixels(tmp_path / "imgs", tmp_path / "idx")  # a new generation; the old one is deleted
+    assert used.search_ids([0], k=3) == before
+    np.testing.assert_array_equal(used.vectors(), expected)
+    with pytest.raises(IndexFormatError, match="was rebuilt since it was opened here"):
+        unused.vectors()
+
+
 # -- names ------------------------------------------------------------------------------------------
 
 
@@ -206,7 +270,13 @@ def test_a_damaged_manifest_is_one_clear_line(pixel_index: Path, damage, message
 @pytest.mark.parametrize("victim", ["vectors-00000.npy", "metadata.parquet"])
 def test_a_damaged_data_file_is_one_clear_line(pixel_index: Path, victim: str) -> None:
     (open_index(pixel_index).dir / victim).write_bytes(b"junk")
-    for args in (["eval", pixel_index], ["query", "--id", "0", "-i", pixel_index]):
+    # (query --id reads the FAISS index, not the vector files: it needs the metadata only)
+    reader = (
+        ["query", "--id", "0", "-i", pixel_index]
+        if victim.endswith("parquet")
+        else ["map", pixel_index, "-o", pixel_index.parent / "m.html"]
+    )
+    for args in (["eval", pixel_index], reader):
         r = invoke(*args)
         assert r.exit_code == 2, r.output
         assert "is damaged" in r.output and "Traceback" not in r.output and "allow_pickle" not in r.output
