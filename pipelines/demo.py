@@ -238,7 +238,9 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
 
     progress = progress or DemoProgress()
     out = Path(config.out).expanduser().absolute()
-    images, run_dir, index_root = out / "images", out / "model", out / "indexes"
+    # One model folder per architecture: each trained index records its checkpoint's path, so a
+    # demo run with another --arch must not overwrite the one an earlier index was built with.
+    images, run_dir, index_root = out / "images", out / "model" / config.arch, out / "indexes"
     seconds: dict[str, float] = {}
     reused: list[str] = []
 

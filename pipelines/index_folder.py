@@ -50,6 +50,13 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split("(")[0].strip()
 
 
+def _is_index_or_empty(folder: Path) -> bool:
+    from retrieval.store import LOCK, MANIFEST, STAGING
+
+    names = {p.name for p in folder.iterdir()}
+    return bool(names & {MANIFEST, STAGING}) or names <= {LOCK}
+
+
 def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexReport:
     """Index every image below `config.images` into `config.index`; resumes an interrupted run.
 
@@ -65,6 +72,12 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
     root = Path(config.images).expanduser().absolute()
     if not root.is_dir():
         raise EmptyInputError(f"{root} is not a folder.")
+    index_dir = Path(config.index).expanduser().absolute()
+    if index_dir.is_dir() and not _is_index_or_empty(index_dir):
+        raise RetrieveError(
+            f"{index_dir} is a folder with other files in it, not an index; give --index a new or empty "
+            "folder (an index writes and replaces files of its own there)."
+        )
     with writer_lock(Path(config.index).expanduser().absolute()):
         return _build_index(config, progress)
 

@@ -205,7 +205,13 @@ class Index:
     # -- search -------------------------------------------------------------------------------
     def search_vectors(self, x: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Neighbours of each row of `x` (already embedded with this index's backbone)."""
-        x = np.atleast_2d(np.asarray(x, np.float32))
+        k = _check_k(k)
+        if np.iscomplexobj(x):
+            raise RetrieveError("query vectors must be real numbers, not complex.")
+        try:
+            x = np.atleast_2d(np.asarray(x, np.float32))
+        except (TypeError, ValueError) as exc:
+            raise RetrieveError(f"query vectors must be a numeric array ({exc}).") from None
         dist, ids = self.searcher.search(x, min(k, len(self)))
         return self._hits(ids, dist)
 
@@ -219,6 +225,8 @@ class Index:
         """Neighbours of images already in the index, by id or path; the image itself is left out."""
         from retrieval.index import drop_self
 
+        k = _check_k(k)
+        refs = [refs] if isinstance(refs, str | int | np.integer | os.PathLike) else refs
         ids = np.array([self.id_of(r) for r in refs], dtype=np.int64)
         x = self.searcher.reconstruct(ids)  # the rows asked for, not a copy of every shard
         if not exclude_self:
@@ -241,16 +249,38 @@ class Index:
     def search_paths(
         self, paths: list[str | os.PathLike], k: int = 10, device: str = "auto"
     ) -> list[list[Hit]]:
+        k = _check_k(k)
+        paths = [paths] if isinstance(paths, str | os.PathLike) else paths
         return self.search_vectors(self.embed(paths, device=device), k)
 
     def search(self, query: Any, k: int = 10) -> list[list[Hit]]:
-        """Dispatch: a numpy array = vectors; an int = id; a str/Path = a file (or an indexed path)."""
+        """Dispatch: a numpy array = vectors; an int = id; a str/Path = an image file, or else an
+        image already in the index (its path relative to the root); a list may mix ints and paths."""
         if isinstance(query, np.ndarray):
             return self.search_vectors(query, k)
-        queries = query if isinstance(query, list | tuple) else [query]
-        if all(isinstance(q, int | np.integer) for q in queries):
-            return self.search_ids(list(queries), k)
-        return self.search_paths(list(queries), k)
+        queries = list(query) if isinstance(query, list | tuple) else [query]
+        bad = [q for q in queries if not isinstance(q, int | np.integer | str | os.PathLike)]
+        if bad or not queries:
+            raise RetrieveError(
+                f"search takes vectors, ids, or image paths; got {bad[0]!r}"
+                if bad
+                else "nothing to search for"
+            )
+        # Files on disk are embedded; ids and indexed paths that are not files here are looked up.
+        files = [
+            i
+            for i, q in enumerate(queries)
+            if not isinstance(q, int | np.integer) and Path(q).expanduser().is_file()
+        ]
+        out: list[list[Hit]] = [[] for _ in queries]
+        if files:
+            for i, hits in zip(files, self.search_paths([queries[i] for i in files], k), strict=True):
+                out[i] = hits
+        rest = [i for i in range(len(queries)) if i not in set(files)]
+        if rest:
+            for i, hits in zip(rest, self.search_ids([queries[i] for i in rest], k), strict=True):
+                out[i] = hits
+        return out
 
     # -- model --------------------------------------------------------------------------------
     def backbone(self):  # -> Backbone
@@ -283,4 +313,13 @@ class Index:
 
 def open_index(path: str | os.PathLike | None = None) -> Index:
     """Open the index at `path`, or the last one built when `path` is None."""
+    if path is not None and not isinstance(path, str | os.PathLike):
+        raise RetrieveError(f"open_index takes the path of an index folder, not {type(path).__name__}.")
     return Index(path if path is not None else last_index())
+
+
+def _check_k(k: Any) -> int:
+    """`k` as an int of at least 1, or a RetrieveError (2.5, "5" and None are mistakes, not ks)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise RetrieveError(f"k must be a whole number of at least 1, not {k!r}.")
+    return int(k)

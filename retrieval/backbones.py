@@ -462,8 +462,11 @@ def load_backbone(
         )
 
     classes: tuple[str, ...] = ()
+    # Building a model draws its random init from torch's global generator: a library call must not
+    # move the caller's random stream (the seeded "none" path forks it the same way).
     if ckpt is not None:
-        model = spec.builder(ckpt.num_classes, ckpt.in_channels)
+        with torch.random.fork_rng(devices=[]):
+            model = spec.builder(ckpt.num_classes, ckpt.in_channels)
         try:
             model.load_state_dict(ckpt.state_dict)
         except RuntimeError as exc:
@@ -479,7 +482,8 @@ def load_backbone(
         classes = ckpt.classes
         info = WeightsInfo("checkpoint", Path(weights_str).name, _state_sha256(model))
     elif weights_str == "imagenet":
-        model = _load_imagenet(spec)
+        with torch.random.fork_rng(devices=[]):
+            model = _load_imagenet(spec)
         preprocess = imagenet_preprocess(spec)
         info = WeightsInfo("imagenet", spec.weights or "", _state_sha256(model))
     elif weights_str == "none":

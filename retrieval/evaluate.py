@@ -298,6 +298,7 @@ def evaluate_vectors(
     searcher = ExactIndex(metric=metric).fit(db)
     depth = min(max(ks[-1], int(n_rel.max(initial=0))), len(db) - (1 if loo else 0))
     block = max(1, _BLOCK_CELLS // max(depth + 1, 1))
+    tied = 0  # queries with exactly equal distances among their first ks[-1] + 1 neighbours
     for start in range(0, len(q_vecs), block):
         stop = min(start + block, len(q_vecs))
         # No exact re-ranking: depth reaches the class size (thousands of rows a query), and order
@@ -307,6 +308,8 @@ def evaluate_vectors(
             ids, dist = drop_self(ids, dist, np.arange(start, stop), depth)
         else:
             dist, ids = searcher.search(q_vecs[start:stop], depth, refine=False)
+        top = dist[:, : ks[-1] + 1]
+        tied += int(((top[:, 1:] == top[:, :-1]) & np.isfinite(top[:, 1:])).any(axis=1).sum())
         qc, nr = q_codes[start:stop], n_rel[start:stop]
         rel = relevance(ids, qc, db_codes)
         for k in ks:
@@ -319,6 +322,12 @@ def evaluate_vectors(
     if full_map:
         per_query["mAP"] = full_average_precision(db, db_codes, q_vecs, q_codes, loo, metric)
 
+    if tied > len(q_vecs) // 100:
+        notes.append(
+            f"{tied} of {len(q_vecs)} queries have exactly tied distances among their nearest "
+            f"{ks[-1] + 1} (duplicate images?): P@k, R@k, R-precision, MAP@R and kNN@k take the index's "
+            "order among ties (path order), which can flatter a space; mAP averages over every order"
+        )
     has_relevant = n_rel > 0
     if not has_relevant.all():
         missing = sorted({vocab[c] for c in q_codes[~has_relevant]})

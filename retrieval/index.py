@@ -41,6 +41,8 @@ class ExactIndex:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2:
             raise RetrieveError(f"expected a 2-D array of vectors, got shape {x.shape}")
+        if not np.isfinite(x).all():  # FAISS would return no neighbours at all, silently
+            raise RetrieveError("the vectors contain NaN or infinity")
         return normalize_rows(x) if self.metric == "cosine" else x
 
     def fit(self, blocks: np.ndarray | Iterable[np.ndarray]) -> ExactIndex:

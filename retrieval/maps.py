@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -839,8 +839,23 @@ def _sample(index: Index, limit: int | None, seed: int) -> np.ndarray:
     return stratified_sample(index.labels, limit, seed)
 
 
+def _method_for(p: ProjectionParams, n: int, note: Callable[[str], None]) -> ProjectionParams:
+    """The projection that will really run: below MIN_NONLINEAR points t-SNE and UMAP have no
+    neighbourhoods to keep and `run_projection` uses PCA, so the page and the report say PCA."""
+    if p.method == "pca" or n >= MIN_NONLINEAR:
+        return p
+    note(f"{n} images are too few for {METHOD_NAMES[p.method]} (it needs {MIN_NONLINEAR}); using PCA")
+    return replace(p, method="pca")
+
+
 def build_map(index: Index, config: MapConfig, note: Callable[[str], None] = lambda s: None) -> MapReport:
-    """Project the index (or a stratified sample), look up neighbours, and write the HTML map."""
+    """Project the index (or a stratified sample), look up neighbours, and write the HTML map.
+
+    `index` is an open Index or the path of one."""
+    if not hasattr(index, "manifest"):
+        from retrieval.api import open_index
+
+        index = open_index(index)
     if config.grid is not None:
         return build_grid(index, config, note)
     times: dict[str, float] = {}
@@ -848,7 +863,7 @@ def build_map(index: Index, config: MapConfig, note: Callable[[str], None] = lam
     ids = _sample(index, config.max_points, config.projection.seed)
     m, n = len(ids), len(index)
     size = config.thumb_size or default_thumb_size(m)
-    p = config.projection
+    p = _method_for(config.projection, m, note)
     note(f"{METHOD_NAMES[p.method]} of {m:,} of {n:,} vectors ({index.dim}-d)...")
     proj = cached_projection(index, ids, p, jobs, config.cache, note)
     times["projection"] = proj.seconds
@@ -926,7 +941,7 @@ def build_grid(index: Index, config: MapConfig, note: Callable[[str], None] = la
     jobs = config.jobs or default_jobs()
     limit = width * height if config.max_points is None else min(width * height, config.max_points)
     ids = _sample(index, limit, config.projection.seed)
-    p = config.projection
+    p = _method_for(config.projection, len(ids), note)
     note(
         f"{METHOD_NAMES[p.method]} of {len(ids):,} of {len(index):,} vectors, snapped to a {width}x{height} grid..."
     )

@@ -211,7 +211,8 @@ class Staging:
 
 
 def _generations(index_dir: Path) -> list[Path]:
-    return sorted(p for p in index_dir.glob("gen-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    # Exactly our own names: a user's `gen-2023/` folder is neither counted nor ever deleted.
+    return sorted(p for p in index_dir.glob("gen-*") if p.is_dir() and GENERATION.fullmatch(p.name))
 
 
 def commit(

@@ -37,7 +37,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_demo_writes_everything_and_says_where(demo: tuple[Path, str]) -> None:
     out, stdout = demo
-    for name in ("neighbours.html", "neighbours.png", "model/best.pt"):
+    for name in ("neighbours.html", "neighbours.png", "model/lenet/best.pt"):
         assert (out / name).is_file(), name
     assert (out / "images" / "train").is_dir() and (out / "images" / "test").is_dir()
     assert "pixels" in stdout and "MAP@R" in stdout
@@ -64,7 +64,7 @@ def test_trained_space_beats_pixels_on_held_out_images(demo: tuple[Path, str]) -
 
 def test_rerun_in_a_subprocess_reuses_every_step(demo: tuple[Path, str]) -> None:
     out, _ = demo
-    checkpoint = out / "model" / "best.pt"
+    checkpoint = out / "model" / "lenet" / "best.pt"
     before = checkpoint.stat().st_mtime_ns
     args = [sys.executable, "-m", "retrieval", "demo", str(out), "--device", "cpu"]
     for key in ("per_class", "test_per_class", "arch", "epochs"):

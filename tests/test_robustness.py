@@ -156,6 +156,73 @@ def test_an_open_index_outlives_a_rebuild_or_says_to_reopen(tmp_path: Path, samp
         unused.vectors()
 
 
+def test_a_users_gen_folders_are_never_touched_and_foreign_folders_refused(tmp_path: Path) -> None:
+    (tmp_path / "photos" / "gen-2023").mkdir(parents=True)
+    _png(tmp_path / "photos" / "gen-2023" / "a.png")
+    with pytest.raises(RetrieveError, match="not an index"):
+        _pixels(tmp_path / "photos", tmp_path / "photos")  # --index pointed at the image folder
+    assert (tmp_path / "photos" / "gen-2023" / "a.png").is_file()
+    # An index folder that also holds a folder named like ours (but not ours) keeps it.
+    _pixels(tmp_path / "photos", tmp_path / "idx")
+    (tmp_path / "idx" / "gen-old").mkdir()
+    _pixels(tmp_path / "photos", tmp_path / "idx")
+    assert (tmp_path / "idx" / "gen-old").is_dir() and len(open_index(tmp_path / "idx")) == 1
+
+
+def test_the_api_takes_what_it_documents_and_refuses_the_rest(pixel_index: Path, samples: Path) -> None:
+    import torch
+
+    idx = open_index(pixel_index)
+    # An indexed path that is not a file here is looked up, not opened; lists may mix kinds.
+    by_path = idx.search(idx.paths[3], k=2)
+    assert by_path == idx.search_ids([3], k=2) == idx.search_ids(idx.paths[3], k=2)
+    mixed = idx.search([3, str(samples / "test" / idx.paths[3])], k=2)
+    assert mixed[0] == by_path[0] and mixed[1][0].id == 3
+    for k in (0, 2.5, "5", None, True):
+        with pytest.raises(RetrieveError, match="k must be a whole number"):
+            idx.search_ids([0], k=k)  # type: ignore[arg-type]
+    bad = np.zeros((2, idx.dim), np.float32)
+    bad[0, 0] = np.nan
+    with pytest.raises(RetrieveError, match="NaN or infinity"):
+        idx.search_vectors(bad, k=3)
+    with pytest.raises(RetrieveError, match="search takes vectors, ids, or image paths"):
+        idx.search(1.5)  # type: ignore[arg-type]
+    with pytest.raises(RetrieveError, match="path of an index folder"):
+        open_index(5)  # type: ignore[arg-type]
+    # Loading a backbone leaves the caller's random stream where it was.
+    from retrieval.backbones import load_backbone
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_backbone("resnet18", "none")
+    load_backbone("lenet", "none")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_map_of_too_few_images_says_it_is_pca(tmp_path: Path, samples: Path) -> None:
+    from retrieval.maps import MapConfig, ProjectionParams, build_map
+
+    (tmp_path / "few" / "a").mkdir(parents=True)
+    for i in range(4):
+        _png(tmp_path / "few" / "a" / f"{i}.png", seed=i)
+    _pixels(tmp_path / "few", tmp_path / "idx")
+    notes: list[str] = []
+    cfg = MapConfig(out=tmp_path / "m.html", projection=ProjectionParams(method="tsne"))
+    report = build_map(tmp_path / "idx", cfg, notes.append)  # a path is accepted too
+    assert report.method == "pca" and any("too few for t-SNE" in n for n in notes)
+
+
+def test_eval_says_when_ties_decide_the_ranked_metrics(tmp_path: Path, samples: Path) -> None:
+    from retrieval.evaluate import evaluate_vectors
+
+    x = np.zeros((15, 4), np.float32)  # one image copied 15 times into two classes
+    res = evaluate_vectors(x, ["a"] * 12 + ["b"] * 3, ks=(1,))
+    assert any("exactly tied distances" in n for n in res.notes)
+    spread = np.random.default_rng(0).normal(size=(15, 4)).astype(np.float32)
+    assert not any("tied" in n for n in evaluate_vectors(spread, ["a"] * 12 + ["b"] * 3, ks=(1,)).notes)
+
+
 # -- names ------------------------------------------------------------------------------------------
 
 

@@ -47,8 +47,10 @@ def filters(
 
     mode "auto": a first layer on RGB or grey input shows colour or grey tiles; deeper layers
     show each filter's mean over its input channels. "channels" shows one row per filter and one
-    tile per input channel. The first `max_filters` filters are shown.
+    tile per input channel. The first `max_filters` filters are shown. `model` may also be the
+    VizModel that `load_model` returns, as the other visualisations take.
     """
+    model = getattr(model, "model", model)
     if mode not in FILTER_MODES:
         raise RetrieveError(f"Unknown filter mode {mode!r}; choose one of {', '.join(FILTER_MODES)}.")
     if max_filters < 1:
