@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval.atomic import atomic_write, write_json
+from retrieval.atomic import atomic_write, sync_dir, write_json
 from retrieval.errors import EmptyInputError, IndexFormatError, IndexNotFoundError, RetrieveError
 
 FORMAT = "retrieve-index"
@@ -289,11 +289,14 @@ def commit(
 
     index = ExactIndex(metric=metric).fit(blocks())
     index.save(tmp / "index.faiss")
+    with open(tmp / "index.faiss", "rb+") as fh:  # FAISS writes it directly: make it durable too
+        os.fsync(fh.fileno())
     ids = pa.array(np.arange(len(rows), dtype=np.int64))
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     write_parquet(tmp / "metadata.parquet", table.add_column(0, "id", ids))
     write_jsonl(tmp / "skipped.jsonl", skipped)
     os.replace(tmp, index_dir / name)
+    sync_dir(index_dir)  # the generation's name is on disk before the manifest names it
 
     manifest = {
         **manifest,
