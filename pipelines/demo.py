@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.evaluate import DEFAULT_KS, SpaceResult
+from retrieval.paths import user_path
 from retrieval.samples import SampleConfig
 
 PIXELS = "pixels"
@@ -237,7 +238,7 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
     from retrieval.sheet import neighbour_blocks, write_sheet
 
     progress = progress or DemoProgress()
-    out = Path(config.out).expanduser().absolute()
+    out = user_path(config.out).absolute()
     # One model folder per architecture: each trained index records its checkpoint's path, so a
     # demo run with another --arch must not overwrite the one an earlier index was built with.
     images, run_dir, index_root = out / "images", out / "model" / config.arch, out / "indexes"

@@ -12,6 +12,7 @@ import numpy as np
 from pipelines.runner import StageTimer
 from retrieval.config import IndexConfig
 from retrieval.errors import EmptyInputError, RetrieveError
+from retrieval.paths import user_path
 
 ENGINES = ("local",)
 
@@ -51,10 +52,13 @@ def _reason_kind(reason: str) -> str:
 
 
 def _is_index_or_empty(folder: Path) -> bool:
-    from retrieval.store import LOCK, MANIFEST, STAGING
+    """An index (finished or staged), or a folder with nothing of the user's in it to overwrite."""
+    from retrieval.images import is_index_dir
 
-    names = {p.name for p in folder.iterdir()}
-    return bool(names & {MANIFEST, STAGING}) or names <= {LOCK}
+    if is_index_dir(folder):
+        return True
+    # Hidden files (.DS_Store, our .lock) and a mount point's lost+found are not the user's work.
+    return not [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "lost+found"]
 
 
 def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexReport:
@@ -69,16 +73,16 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
     if config.engine not in ENGINES:
         raise RetrieveError(f"Unknown engine {config.engine!r}; available: {', '.join(ENGINES)}.")
     check_metric(config.metric)
-    root = Path(config.images).expanduser().absolute()
+    root = user_path(config.images).absolute()
     if not root.is_dir():
         raise EmptyInputError(f"{root} is not a folder.")
-    index_dir = Path(config.index).expanduser().absolute()
+    index_dir = user_path(config.index).absolute()
     if index_dir.is_dir() and not _is_index_or_empty(index_dir):
         raise RetrieveError(
             f"{index_dir} is a folder with other files in it, not an index; give --index a new or empty "
             "folder (an index writes and replaces files of its own there)."
         )
-    with writer_lock(Path(config.index).expanduser().absolute()):
+    with writer_lock(user_path(config.index).absolute()):
         return _build_index(config, progress)
 
 
@@ -93,8 +97,8 @@ def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
     progress = progress or Progress()
     t0 = time.perf_counter()
     timer = StageTimer()
-    root = Path(config.images).expanduser().absolute()
-    index_dir = Path(config.index).expanduser().absolute()
+    root = user_path(config.images).absolute()
+    index_dir = user_path(config.index).absolute()
 
     with timer.stage("load model"):
         runtime = resolve_runtime(config.device, config.dtype)

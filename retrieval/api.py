@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from retrieval.errors import IndexFormatError, IndexNotFoundError, RetrieveError
+from retrieval.paths import user_path
 from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest
 
 T = TypeVar("T")
@@ -73,7 +74,7 @@ class Index:
     """A read-only view of an index directory; the backbone is loaded on first image query."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path).expanduser().absolute()
+        self.path = user_path(path).absolute()
         self.manifest = read_manifest(self.path)
         self.dir = generation_dir(self.path, self.manifest)
 
@@ -185,7 +186,7 @@ class Index:
         if s.isdigit() and s not in self._ids_by_path:
             return self.id_of(int(s))
         candidates = [s.replace(os.sep, "/")]
-        p = Path(s).expanduser()
+        p = user_path(s)
         for base in (p.absolute(), p.resolve()):
             try:
                 candidates.append(base.relative_to(self.root).as_posix())
@@ -198,6 +199,19 @@ class Index:
             if c in self._ids_by_path:
                 return self._ids_by_path[c]
         raise RetrieveError(f"{s!r} is not in the index {self.path} (paths are relative to {self.root}).")
+
+    def _indexed(self, ref: str | os.PathLike) -> int | None:
+        """The id of `ref` when it names an indexed image exactly (no suffix matching), else None."""
+        s = str(ref).replace(os.sep, "/")
+        if s in self._ids_by_path:
+            return self._ids_by_path[s]
+        p = user_path(ref)
+        if p.is_absolute() or p.exists():
+            for base in (p.absolute(), p.resolve()):
+                rel = base.relative_to(self.root).as_posix() if base.is_relative_to(self.root) else None
+                if rel in self._ids_by_path:
+                    return self._ids_by_path[rel]
+        return None
 
     def hit(self, rank: int, i: int, distance: float) -> Hit:
         return Hit(rank, int(i), float(distance), self.paths[i], self.labels[i])
@@ -254,8 +268,9 @@ class Index:
         return self.search_vectors(self.embed(paths, device=device), k)
 
     def search(self, query: Any, k: int = 10) -> list[list[Hit]]:
-        """Dispatch: a numpy array = vectors; an int = id; a str/Path = an image file, or else an
-        image already in the index (its path relative to the root); a list may mix ints and paths."""
+        """Dispatch: a numpy array = vectors; an int = id; a str/Path naming an indexed image (its
+        path relative to the root, or a path to the file under the root) = that image, left out of
+        its own results as with ids; any other str/Path = an image file to embed. Lists may mix."""
         if isinstance(query, np.ndarray):
             return self.search_vectors(query, k)
         queries = list(query) if isinstance(query, list | tuple) else [query]
@@ -266,11 +281,12 @@ class Index:
                 if bad
                 else "nothing to search for"
             )
-        # Files on disk are embedded; ids and indexed paths that are not files here are looked up.
+        # One meaning per argument, wherever the caller stands: indexed images are looked up (and
+        # left out of their own results), everything else is a file to embed.
         files = [
             i
             for i, q in enumerate(queries)
-            if not isinstance(q, int | np.integer) and Path(q).expanduser().is_file()
+            if not isinstance(q, int | np.integer) and self._indexed(q) is None
         ]
         out: list[list[Hit]] = [[] for _ in queries]
         if files:

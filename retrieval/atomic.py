@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from retrieval.errors import RetrieveError
+from retrieval.paths import user_path
 
 
 def _read_umask() -> int:
@@ -30,7 +31,7 @@ def replace_target(path: str | os.PathLike) -> Path:
     a regular file (a folder, a device such as /dev/null, a FIFO) is refused: renaming over it would
     replace the device or pipe with a plain file.
     """
-    path = Path(path).expanduser()
+    path = user_path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     try:

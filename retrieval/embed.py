@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from retrieval.backbones import Backbone
 from retrieval.device import Runtime
 from retrieval.errors import BadImageError
 from retrieval.images import ImageFileEntry, Transform, load_tensor
+from retrieval.paths import user_path
 
 
 @dataclass
@@ -129,7 +129,7 @@ def embed_files(
         tensors = []
         for p in paths[start : start + batch_size]:
             try:
-                tensors.append(load_tensor(Path(p).expanduser(), transform)[0])
+                tensors.append(load_tensor(user_path(p), transform)[0])
             except BadImageError as exc:
                 raise BadImageError(f"{p}: {exc}") from None
             except FileNotFoundError:

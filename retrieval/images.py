@@ -14,6 +14,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from retrieval.backbones import Preprocess
 from retrieval.errors import BadImageError
+from retrieval.paths import user_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # PIL's default bomb limit (~89 Mpx) warns at 1x and raises at 2x; we treat anything over 1x as a
@@ -56,7 +57,7 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
     Returns (entries, problems): problems are (relpath, reason) for entries that cannot even be
     stat'ed (dangling links, permission denied), for the skip ledger.
     """
-    root = Path(root).expanduser().absolute()
+    root = user_path(root).absolute()
     if not root.is_dir():
         raise BadImageError(f"{root} is not a folder.")
     entries: list[ImageFileEntry] = []
@@ -90,8 +91,8 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
                     # A link to a folder inside the root is walked where it really is: followed
                     # here, it would claim that folder's images under its own name (its class
                     # would vanish into the link's). Links to folders elsewhere are followed.
-                    inside = child.is_symlink() and path.resolve().is_relative_to(real_root)
-                    if not inside and not _is_index_dir(path):  # an index inside the folder it indexes
+                    inside = child.is_symlink() and _walked_anyway(path.resolve(), real_root)
+                    if not inside and not is_index_dir(path):  # an index inside the folder it indexes
                         subdirs.append(path)
                     continue
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -116,6 +117,14 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
     return entries, problems
 
 
+def _walked_anyway(target: Path, real_root: Path) -> bool:
+    """Whether the scan reaches folder `target` by itself: under the root and not hidden (a link
+    to `.store/cats` is the only way in to that folder, so it is followed)."""
+    if not target.is_relative_to(real_root):
+        return False
+    return not any(part.startswith(".") for part in target.relative_to(real_root).parts)
+
+
 def _printable(rel: str) -> str:
     """`rel` itself, or with the bytes of a non-UTF-8 name escaped (`caf\\xe9.png`)."""
     try:
@@ -125,7 +134,7 @@ def _printable(rel: str) -> str:
         return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def _is_index_dir(path: Path) -> bool:
+def is_index_dir(path: Path) -> bool:
     """A `retrieve` index directory (its maps and sheets are outputs, never inputs)."""
     manifest = path / "manifest.json"
     if (path / ".staging" / "run.json").exists():

@@ -95,16 +95,24 @@ class ExactIndex:
         """
         ids = ids.astype(np.int64)
         dist = np.empty(ids.shape, np.float32)
-        for start in range(0, len(ids), 256):  # bounded memory: 256 x k x dim floats at a time
-            block = ids[start : start + 256]
-            valid = block >= 0
-            rows = self.index_.reconstruct_batch(np.where(valid, block, 0).ravel()).reshape(*block.shape, -1)
-            q = xq[start : start + 256, None, :]
-            if self.metric == "l2":
-                d = np.sqrt(np.square(rows - q, dtype=np.float64).sum(axis=2))
-            else:  # both sides are unit vectors already
-                d = 1.0 - np.einsum("qkd,qkd->qk", rows.astype(np.float64), np.broadcast_to(q, rows.shape))
-            dist[start : start + 256] = np.where(valid, d, np.inf)
+        n, k = ids.shape
+        # Memory stays at ~2 x 4M floats whatever n, k and dim: blocks of queries x neighbours.
+        cells = 1 << 22
+        kc = max(1, min(k, cells // self.dim))
+        qc = max(1, cells // (kc * self.dim))
+        for q0 in range(0, n, qc):
+            q = xq[q0 : q0 + qc, None, :]
+            for k0 in range(0, k, kc):
+                block = ids[q0 : q0 + qc, k0 : k0 + kc]
+                valid = block >= 0
+                rows = self.index_.reconstruct_batch(np.where(valid, block, 0).ravel())
+                rows = rows.reshape(*block.shape, -1)
+                if self.metric == "l2":
+                    diff = rows - q  # direct differences: no cancellation, unlike the expanded form
+                    d = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+                else:  # both sides are unit vectors already
+                    d = 1.0 - np.einsum("qkd,qkd->qk", rows, np.broadcast_to(q, rows.shape))
+                dist[q0 : q0 + qc, k0 : k0 + kc] = np.where(valid, d, np.inf)
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
 

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STAGING = ".staging"
 LOCK = ".lock"
-GENERATION = re.compile(r"gen-\d{6}")
+GENERATION = re.compile(r"gen-\d{6,}")
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -372,7 +372,7 @@ def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
     # Names inside the index folder only: a manifest must not lead readers anywhere else.
     files = manifest["vector_files"]
     if not GENERATION.fullmatch(manifest["generation"]) or not all(
-        isinstance(f, str) and re.fullmatch(r"vectors-\d{5}\.npy", f) for f in files
+        isinstance(f, str) and re.fullmatch(r"vectors-\d{5,}\.npy", f) for f in files
     ):
         raise IndexFormatError(f"{path} is damaged: it names files outside the index's own layout.")
 

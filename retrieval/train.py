@@ -27,6 +27,7 @@ from retrieval.config import known_keys
 from retrieval.device import Runtime, resolve_runtime
 from retrieval.errors import BadImageError, CheckpointError, EmptyInputError, RetrieveError
 from retrieval.images import Transform, load_tensor, scan
+from retrieval.paths import user_path
 
 AUGMENTS = ("auto", "crop", "rrc", "none")
 OPTIMIZERS = ("sgd", "adamw")
@@ -153,8 +154,8 @@ class TrainConfig:
         for flag, value, ok, what in checks:
             if value is not None and not ok(value):
                 raise RetrieveError(f"{flag} must be {what}, not {value}.")
-        if not 0 <= self.seed < 2**32:
-            raise RetrieveError(f"--seed must be in [0, 2**32), not {self.seed}.")
+        if not 0 <= self.seed < 2**63:
+            raise RetrieveError(f"--seed must be in [0, 2**63), not {self.seed}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (paths as strings): written to config.json and into every checkpoint."""
@@ -272,7 +273,7 @@ def _labelled(root: Path, prefix: str) -> tuple[dict[str, list[str]], list[tuple
 def discover(data: str | os.PathLike, val_fraction: float = 0.1, seed: int = 0) -> Split:
     """Find classes and files: `data/train/<class>` + `data/val|validation|test/<class>` if present,
     else `data/<class>` with a seeded stratified split holding out `val_fraction` of each class."""
-    root = Path(data).expanduser()
+    root = user_path(data)
     if not root.is_dir():
         raise EmptyInputError(f"{root} is not a folder of labelled images (expected {root}/<class>/*.jpg).")
     val_root = next((root / n for n in VAL_SPLIT_NAMES if (root / n).is_dir()), None)
@@ -969,6 +970,22 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _holds_other_files(run_dir: Path) -> bool:
+    """A folder with the user's own files in it: anything visible, unless it is a run's config.json
+    (a run killed in its first epoch) and the files written beside it."""
+    if not run_dir.is_dir():
+        return False
+    names = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+    if not names:
+        return False
+    try:
+        info = json.loads((run_dir / "config.json").read_text())
+        ours = isinstance(info, dict) and isinstance(info.get("config"), dict) and "arch" in info["config"]
+    except (OSError, ValueError):
+        ours = False
+    return not ours or not names <= {*RUN_FILES, "config.json", "split.json"}
+
+
 def _epoch_of(line: str) -> float:
     """The epoch of a metrics.jsonl line; a torn line (a kill during the append) sorts last, dropped."""
     try:
@@ -979,7 +996,7 @@ def _epoch_of(line: str) -> float:
 
 def _resume_config(config: TrainConfig) -> tuple[TrainConfig, Checkpoint, Path]:
     assert config.resume is not None
-    path = Path(config.resume).expanduser()
+    path = user_path(config.resume)
     if not path.exists():
         raise CheckpointError(f"No training run at {path} to resume.")
     ckpt_path = path / "last.pt" if path.is_dir() else path
@@ -1010,10 +1027,22 @@ def _resume_config(config: TrainConfig) -> tuple[TrainConfig, Checkpoint, Path]:
     fixed = {f.name: f.default for f in fields(TrainConfig)}
     for name in (*RESUME_OVERRIDES, "data", "out", "resume", "overwrite"):
         fixed.pop(name)
+    # Settings the run chose itself (None in its config) are compared with what it chose.
+    size = ckpt.preprocess.size
+    chosen = {
+        "image_size": size,
+        "channels": ckpt.in_channels,
+        "crop_pad": max(1, size // 8) if saved_cfg.crop_pad is None else saved_cfg.crop_pad,
+    }
+
+    def ran_with(k: str) -> Any:
+        value = getattr(saved_cfg, k)
+        return chosen.get(k, value) if value is None else value
+
     conflicts = [
-        f"--{k.replace('_', '-')} {getattr(config, k)} (the run has {getattr(saved_cfg, k)})"
+        f"--{k.replace('_', '-')} {getattr(config, k)} (the run has {ran_with(k)})"
         for k, default in fixed.items()
-        if getattr(config, k) != default and getattr(config, k) != getattr(saved_cfg, k)
+        if getattr(config, k) != default and getattr(config, k) != ran_with(k)
     ]
     if conflicts:
         raise RetrieveError(
@@ -1056,7 +1085,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         config, ckpt, run_dir = _resume_config(config)
     else:
         assert config.out is not None
-        run_dir = Path(config.out).expanduser()
+        run_dir = user_path(config.out)
         if run_dir.exists() and not run_dir.is_dir():
             raise RetrieveError(f"--out {run_dir} is a file; give a folder for the run.")
         # A run killed before its first epoch ended left no state worth keeping: start it afresh.
@@ -1065,6 +1094,11 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
             raise RetrieveError(
                 f"{run_dir} already holds a training run. Continue it with --resume {run_dir}, "
                 "choose another --out, or pass --overwrite."
+            )
+        if not has_run and not config.overwrite and _holds_other_files(run_dir):
+            raise RetrieveError(
+                f"{run_dir} holds files that are not a `retrieve train` run; a run writes config.json, "
+                "report.txt and more there. Choose a new or empty --out, or pass --overwrite."
             )
     assert config.data is not None
     spec = get_spec(config.arch)
@@ -1078,7 +1112,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
         used = ", ".join(f"{k}={getattr(config, k)}" for k, _ in spec.recipe if k in unset)
         rep.message(f"{spec.name}'s training recipe: {used} (flags override)")
     runtime = resolve_runtime(config.device, config.dtype)
-    data = Path(config.data).expanduser()
+    data = user_path(config.data)
 
     # ---- data
     split_file = run_dir / "split.json"

@@ -173,11 +173,15 @@ def test_the_api_takes_what_it_documents_and_refuses_the_rest(pixel_index: Path,
     import torch
 
     idx = open_index(pixel_index)
-    # An indexed path that is not a file here is looked up, not opened; lists may mix kinds.
+    # An indexed image, by relative or absolute path, is looked up (and left out of its own
+    # results) wherever the caller stands; a file elsewhere is embedded; lists may mix kinds.
     by_path = idx.search(idx.paths[3], k=2)
     assert by_path == idx.search_ids([3], k=2) == idx.search_ids(idx.paths[3], k=2)
-    mixed = idx.search([3, str(samples / "test" / idx.paths[3])], k=2)
-    assert mixed[0] == by_path[0] and mixed[1][0].id == 3
+    outside = pixel_index.parent / "copy.png"
+    shutil.copy(samples / "test" / idx.paths[3], outside)
+    mixed = idx.search([3, str(samples / "test" / idx.paths[3]), outside], k=2)
+    assert mixed[0] == mixed[1] == by_path[0]
+    assert mixed[2][0].id == 3 and mixed[2][0].distance == 0.0
     for k in (0, 2.5, "5", None, True):
         with pytest.raises(RetrieveError, match="k must be a whole number"):
             idx.search_ids([0], k=k)  # type: ignore[arg-type]
@@ -595,3 +599,80 @@ def test_stop_after_epochs_says_how_to_continue_and_moved_data_is_named(small: P
     assert r.exit_code == 2 and "is not there any more" in " ".join(r.output.split()), r.output
     r = invoke("train", moved, "--resume", tmp_path / "run")
     assert r.exit_code == 0, r.output
+
+
+# -- regressions caught in review ----------------------------------------------------------------
+
+
+def test_links_into_hidden_folders_are_followed(tmp_path: Path) -> None:
+    from retrieval.images import scan
+
+    for cls in ("square", "star"):
+        (tmp_path / "root" / ".store" / cls).mkdir(parents=True)
+        _png(tmp_path / "root" / ".store" / cls / "0.png")
+        (tmp_path / "root" / cls).symlink_to(f".store/{cls}")
+    assert [e.relpath for e in scan(tmp_path / "root")[0]] == ["square/0.png", "star/0.png"]
+
+
+def test_train_out_never_takes_over_a_folder_of_other_files(small: Path, tmp_path: Path) -> None:
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(RetrieveError, match="not a `retrieve train` run"):
+        _train(small, tmp_path / "proj")
+    assert (tmp_path / "proj" / "config.json").read_text() == '{"my": "settings"}'
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / ".DS_Store").touch()  # hidden files are not the user's work
+    assert _train(small, tmp_path / "fresh", epochs=1, seed=5_000_000_000).epochs_completed == 1
+
+
+def test_resume_accepts_flags_that_restate_what_the_run_chose(small: Path, tmp_path: Path) -> None:
+    from retrieval.train import TrainConfig, train
+
+    _train(small, tmp_path / "run", epochs=2, stop_after_epochs=1)  # image size and channels chosen
+    done = train(TrainConfig(data=None, out=None, resume=tmp_path / "run", image_size=32, channels=1))
+    assert done.finished
+    with pytest.raises(RetrieveError, match=r"--image-size 64 \(the run has 32\)"):
+        train(TrainConfig(data=None, out=None, resume=tmp_path / "run", image_size=64))
+
+
+def test_a_file_named_like_a_home_folder_is_just_a_file(
+    pixel_index: Path, samples: Path, tmp_path: Path
+) -> None:
+    name = "~no_such_user_here.png"
+    shutil.copy(samples / "test" / "star" / "0001.png", tmp_path / name)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = invoke("query", name, "-i", pixel_index, "-k", "1", "--json")
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["results"][0]["neighbours"][0]["path"] == "star/0001.png"
+
+
+def test_index_folder_guard_reads_the_manifest_and_ignores_hidden_files(
+    tmp_path: Path, samples: Path
+) -> None:
+    (tmp_path / "webapp").mkdir()
+    (tmp_path / "webapp" / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(RetrieveError, match="not an index"):
+        _pixels(samples / "test", tmp_path / "webapp")
+    assert (tmp_path / "webapp" / "manifest.json").read_text() == '{"name": "my web app"}'
+    (tmp_path / "mnt" / "lost+found").mkdir(parents=True)
+    (tmp_path / "mnt" / ".DS_Store").touch()
+    _pixels(samples / "test", tmp_path / "mnt")
+    assert len(open_index(tmp_path / "mnt")) > 0
+
+
+def test_exact_reranking_memory_does_not_grow_with_k() -> None:
+    import tracemalloc
+
+    from retrieval.index import ExactIndex
+
+    db = np.random.default_rng(0).random((5000, 512), dtype=np.float32)
+    index = ExactIndex().fit(db)
+    tracemalloc.start()
+    index.search(db[:256], 400)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 120e6, peak  # 256 x 400 x 512 floats at once would be 210 MB (x2 for differences)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from retrieval.errors import RetrieveError
+from retrieval.paths import user_path
 
 app = typer.Typer(
     name="retrieve",
@@ -67,7 +68,7 @@ def exits_cleanly(func: F) -> F:
 
 def _expand(value: Any) -> Any:
     if isinstance(value, Path):
-        return value.expanduser()
+        return user_path(value)
     if isinstance(value, list):
         return [_expand(v) for v in value]
     return value

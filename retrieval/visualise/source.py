@@ -13,6 +13,7 @@ from torch import nn
 from retrieval.backbones import Preprocess
 from retrieval.errors import BadImageError, EmptyInputError, RetrieveError
 from retrieval.images import IMAGE_EXTENSIONS, ImageFileEntry, Transform, load_tensor, scan
+from retrieval.paths import user_path
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def load_model(backbone: str | None = None, weights: str | os.PathLike | None = 
 
 def list_images(path: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str, str]]]:
     """One image file, or every image below a folder (sorted); plus (relpath, reason) problems."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     if path.is_dir():
         entries, problems = scan(path)
     elif path.is_file():
