@@ -22,6 +22,7 @@ from retrieval.config import IndexConfig
 from retrieval.errors import IndexFormatError, RetrieveError
 from retrieval.images import Transform
 from retrieval.store import writer_lock
+from tests.test_store import _InterruptAfter  # Ctrl-C once n files are handled
 
 runner = CliRunner()
 
@@ -71,46 +72,20 @@ def test_an_index_path_that_is_a_file_is_a_clear_error(tmp_path: Path, samples: 
 
 def test_staging_is_not_reused_across_dtypes(tmp_path: Path, samples: Path) -> None:
     cfg = dict(images=samples / "test", index=tmp_path / "idx", backbone="lenet", workers=0, batch_size=4)
-    cfg["shard_rows"] = 4
-
-    class Stop:
-        seen = 0
-
-        def start(self, *a) -> None: ...
-        def note(self, *a) -> None: ...
-        def warn(self, *a) -> None: ...
-        def stop(self) -> None: ...
-
-        def advance(self, n: int) -> None:
-            Stop.seen += n
-            if Stop.seen >= 8:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_index(IndexConfig(**cfg, dtype="bfloat16"), progress=Stop())  # type: ignore[arg-type]
-    report = build_index(IndexConfig(**cfg, dtype="float32"))
+    _stopped(IndexConfig(**cfg, shard_rows=4, dtype="bfloat16"), after=8)
+    report = build_index(IndexConfig(**cfg, shard_rows=4, dtype="float32"))
     assert report.embedded == report.indexed  # nothing embedded in bf16 was mixed in
 
 
-def _interrupted(images: Path, index: Path, after: int) -> None:
-    """An index run stopped (as by Ctrl-C) once `after` files are handled; 1 file a shard."""
-
-    class Stop:
-        seen = 0
-
-        def start(self, *a) -> None: ...
-        def note(self, *a) -> None: ...
-        def warn(self, *a) -> None: ...
-        def stop(self) -> None: ...
-
-        def advance(self, n: int) -> None:
-            Stop.seen += n
-            if Stop.seen >= after:
-                raise KeyboardInterrupt
-
-    cfg = IndexConfig(images=images, index=index, backbone="pixels", workers=0, batch_size=1, shard_rows=1)
+def _stopped(config: IndexConfig, after: int) -> None:
     with pytest.raises(KeyboardInterrupt):
-        build_index(cfg, progress=Stop())  # type: ignore[arg-type]
+        build_index(config, progress=_InterruptAfter(after))
+
+
+def _interrupted(images: Path, index: Path, after: int) -> None:
+    """A pixels run stopped once `after` files are handled; one file a shard."""
+    cfg = IndexConfig(images=images, index=index, backbone="pixels", workers=0, batch_size=1, shard_rows=1)
+    _stopped(cfg, after)
 
 
 def test_a_file_broken_between_runs_is_ledgered_not_indexed_stale(tmp_path: Path) -> None:
