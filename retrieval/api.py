@@ -292,7 +292,8 @@ class Index:
         if files:
             for i, hits in zip(files, self.search_paths([queries[i] for i in files], k), strict=True):
                 out[i] = hits
-        rest = [i for i in range(len(queries)) if i not in set(files)]
+        as_files = set(files)
+        rest = [i for i in range(len(queries)) if i not in as_files]
         if rest:
             for i, hits in zip(rest, self.search_ids([queries[i] for i in rest], k), strict=True):
                 out[i] = hits
