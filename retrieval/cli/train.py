@@ -165,7 +165,12 @@ def train_cli(
             help="Stop (resumably) after this many epochs.", show_default=False, rich_help_panel=_RUN
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Write into an --out that holds a previous run or other files (the run's own files there are replaced)."
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.", rich_help_panel=_RUN)] = "auto",
     dtype: Annotated[
         str, typer.Option(help="auto, float32, bfloat16, float16 (autocast).", rich_help_panel=_RUN)
