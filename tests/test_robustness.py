@@ -168,14 +168,20 @@ def test_the_api_takes_what_it_documents_and_refuses_the_rest(pixel_index: Path,
         idx.search(1.5)  # type: ignore[arg-type]
     with pytest.raises(RetrieveError, match="path of an index folder"):
         open_index(5)  # type: ignore[arg-type]
-    # Loading a backbone leaves the caller's random stream where it was.
+    # Loading a backbone from a checkpoint leaves the caller's random stream where it was.
     from retrieval.backbones import load_backbone
+    from retrieval.checkpoint import Checkpoint, save_checkpoint
 
+    spec = get_spec("lenet")
+    model = spec.builder(3, spec.preprocess.channels)
+    ckpt = Checkpoint(
+        "lenet", model.state_dict(), ("a", "b", "c"), spec.preprocess, 3, spec.preprocess.channels
+    )
+    save_checkpoint(ckpt, pixel_index.parent / "lenet.pt")
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    load_backbone("resnet18", "none")
-    load_backbone("lenet", "none")
+    load_backbone(weights=pixel_index.parent / "lenet.pt")
     assert torch.equal(torch.rand(3), expected)
 
 
