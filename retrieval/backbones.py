@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrieval.errors import CheckpointError, RetrieveError, UnknownNameError, WeightsUnavailableError
+from retrieval.errors import (
+    CheckpointError,
+    RetrieveError,
+    UnknownNameError,
+    WeightsUnavailableError,
+    first_line,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -471,7 +477,7 @@ def load_backbone(
             model.load_state_dict(ckpt.state_dict)
         except RuntimeError as exc:
             raise CheckpointError(
-                f"Checkpoint {weights_str} does not fit {spec.name}: {str(exc).splitlines()[0]}"
+                f"Checkpoint {weights_str} does not fit {spec.name}: {first_line(exc)}"
             ) from None
         if not all(torch.isfinite(t).all() for t in ckpt.state_dict.values() if t.is_floating_point()):
             raise CheckpointError(

@@ -11,7 +11,7 @@ import torch
 
 from retrieval.atomic import atomic_write
 from retrieval.backbones import Preprocess
-from retrieval.errors import CheckpointError
+from retrieval.errors import CheckpointError, first_line
 
 FORMAT = "retrieve-checkpoint"
 VERSION = 1
@@ -50,13 +50,6 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     return path
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).splitlines()  # empty for some errors (an empty file gives IndexError(""))
-    if not lines:
-        return "no details"
-    return lines[0] if len(lines[0]) <= 300 else lines[0][:300].rsplit(" ", 1)[0] + " ..."
-
-
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint with `weights_only=True`; anything else is a clear CheckpointError."""
     path = Path(path)
@@ -73,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "not a usable checkpoint"
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__}: {_first_line(exc)})."
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {first_line(exc)})."
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(

@@ -38,3 +38,12 @@ class BadImageError(RetrieveError):
 
 class EmptyInputError(RetrieveError):
     """A folder holds no usable images."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message for a one-line error, cut at a word near `limit`
+    characters; "no details" for an empty message (an empty file gives IndexError(""))."""
+    lines = str(exc).splitlines()
+    if not lines:
+        return "no details"
+    return lines[0] if len(lines[0]) <= limit else lines[0][:limit].rsplit(" ", 1)[0] + " ..."

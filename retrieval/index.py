@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import RetrieveError
+from retrieval.errors import RetrieveError, first_line
 
 METRICS = ("l2", "cosine")
 
@@ -133,7 +133,7 @@ class ExactIndex:
         try:
             obj.index_ = faiss.read_index(str(Path(path)))
         except RuntimeError as exc:
-            raise RetrieveError(f"cannot read FAISS index {path}: {str(exc).splitlines()[0]}") from None
+            raise RetrieveError(f"cannot read FAISS index {path}: {first_line(exc)}") from None
         return obj
 
 

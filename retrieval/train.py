@@ -25,7 +25,7 @@ from retrieval.backbones import BackboneSpec, Preprocess, get_spec
 from retrieval.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from retrieval.config import known_keys
 from retrieval.device import Runtime, resolve_runtime
-from retrieval.errors import BadImageError, CheckpointError, EmptyInputError, RetrieveError
+from retrieval.errors import BadImageError, CheckpointError, EmptyInputError, RetrieveError, first_line
 from retrieval.images import Transform, load_tensor, scan
 from retrieval.paths import user_path
 
@@ -1255,7 +1255,7 @@ def train(config: TrainConfig, reporter: TrainReporter | None = None) -> TrainRe
             runner.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(
-                f"{config.resume}: the saved state does not fit this run ({str(exc).splitlines()[0]})."
+                f"{config.resume}: the saved state does not fit this run ({first_line(exc)})."
             ) from None
         _set_rng_state(state["rng"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
@@ -1466,7 +1466,7 @@ def _probe(model: nn.Module, name: str, channels: int, size: int, runtime: Runti
             model(torch.zeros(2, channels, size, size, device=runtime.device))
     except RuntimeError as exc:
         raise RetrieveError(
-            f"{name} cannot take {size}x{size} inputs ({str(exc).splitlines()[0][:160]}); use a larger --image-size."
+            f"{name} cannot take {size}x{size} inputs ({first_line(exc, 160)}); use a larger --image-size."
         ) from None
     finally:
         model.train()

@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from retrieval.device import resolve_runtime
-from retrieval.errors import RetrieveError
+from retrieval.errors import RetrieveError, first_line
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, Target, target_scores
 from retrieval.visualise.source import VizModel
@@ -189,7 +189,7 @@ def dream(
             out = probe(x)
         except RuntimeError as exc:
             raise RetrieveError(
-                f"The model does not accept a {size}x{size} input ({str(exc).splitlines()[0]}); "
+                f"The model does not accept a {size}x{size} input ({first_line(exc)}); "
                 f"use its own size {pre.size}."
             ) from None
         return target_scores(out, target, spatial=objective)[0][0]
