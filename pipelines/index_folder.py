@@ -82,11 +82,11 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
             f"{index_dir} is a folder with other files in it, not an index; give --index a new or empty "
             "folder (an index writes and replaces files of its own there)."
         )
-    with writer_lock(user_path(config.index).absolute()):
-        return _build_index(config, progress)
+    with writer_lock(index_dir):
+        return _build_index(config, root, index_dir, progress)
 
 
-def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
+def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Progress | None) -> IndexReport:
     from retrieval import __version__
     from retrieval.backbones import load_backbone
     from retrieval.device import resolve_runtime
@@ -97,8 +97,6 @@ def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
     progress = progress or Progress()
     t0 = time.perf_counter()
     timer = StageTimer()
-    root = user_path(config.images).absolute()
-    index_dir = user_path(config.index).absolute()
 
     with timer.stage("load model"):
         runtime = resolve_runtime(config.device, config.dtype)
@@ -183,9 +181,10 @@ def _build_index(config: IndexConfig, progress: Progress | None) -> IndexReport:
                     vectors = (
                         forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
                     )
-                    if len(vectors) and not np.isfinite(vectors).all():
+                    finite = np.isfinite(vectors).all(axis=1) if len(vectors) else None
+                    if finite is not None and not finite.all():
                         # FAISS would index them and then never return them: stop with the cause.
-                        bad = batch.rows[int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])]["path"]
+                        bad = batch.rows[int(np.argmin(finite))]["path"]
                         raise RetrieveError(
                             f"The backbone gives NaN or infinite features (first for {bad}); nothing "
                             "from this run is committed. Check the weights, or try --dtype float32."

@@ -185,13 +185,7 @@ class Index:
         s = str(ref)
         if s.isdigit() and s not in self._ids_by_path:
             return self.id_of(int(s))
-        candidates = [s.replace(os.sep, "/")]
-        p = user_path(s)
-        for base in (p.absolute(), p.resolve()):
-            try:
-                candidates.append(base.relative_to(self.root).as_posix())
-            except ValueError:
-                pass
+        candidates = [s.replace(os.sep, "/"), *self._under_root(s)]
         # A path like images/dogs/12.jpg given from the root's parent: strip leading components.
         parts = Path(s).parts
         candidates += ["/".join(parts[i:]) for i in range(len(parts))]
@@ -200,18 +194,19 @@ class Index:
                 return self._ids_by_path[c]
         raise RetrieveError(f"{s!r} is not in the index {self.path} (paths are relative to {self.root}).")
 
+    def _under_root(self, ref: str | os.PathLike) -> list[str]:
+        """`ref` as paths relative to the root: as given (made absolute) and with links resolved."""
+        p = user_path(ref)
+        bases = (p.absolute(), p.resolve())
+        return [b.relative_to(self.root).as_posix() for b in bases if b.is_relative_to(self.root)]
+
     def _indexed(self, ref: str | os.PathLike) -> int | None:
         """The id of `ref` when it names an indexed image exactly (no suffix matching), else None."""
-        s = str(ref).replace(os.sep, "/")
-        if s in self._ids_by_path:
-            return self._ids_by_path[s]
+        candidates = [str(ref).replace(os.sep, "/")]
         p = user_path(ref)
         if p.is_absolute() or p.exists():
-            for base in (p.absolute(), p.resolve()):
-                rel = base.relative_to(self.root).as_posix() if base.is_relative_to(self.root) else None
-                if rel in self._ids_by_path:
-                    return self._ids_by_path[rel]
-        return None
+            candidates += self._under_root(ref)
+        return next((self._ids_by_path[c] for c in candidates if c in self._ids_by_path), None)
 
     def hit(self, rank: int, i: int, distance: float) -> Hit:
         return Hit(rank, int(i), float(distance), self.paths[i], self.labels[i])

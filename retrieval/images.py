@@ -102,10 +102,11 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
                     problems.append((_printable(rel), f"cannot stat: {exc.strerror or exc}"))
                 continue
-            if _printable(rel) != rel:
+            shown = _printable(rel)
+            if shown != rel:
                 # Paths are stored as UTF-8 text (metadata, pages, JSON): one that is not cannot be
                 # kept and found again, so it is skipped, shown with its raw bytes escaped.
-                problems.append((_printable(rel), "file name is not valid UTF-8: rename it to index it"))
+                problems.append((shown, "file name is not valid UTF-8: rename it to index it"))
                 continue
             entries.append(
                 ImageFileEntry(path, rel, label_of(rel, root), st.st_size, st.st_mtime, st.st_ctime)
