@@ -90,7 +90,7 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
     from retrieval import __version__
     from retrieval.backbones import load_backbone
     from retrieval.device import resolve_runtime
-    from retrieval.embed import default_batch_size, default_workers, forward, iter_batches, prepare_model
+    from retrieval.embed import Batch, decode_all, default_batch_size, default_workers, forward, prepare_model
     from retrieval.images import IMAGE_EXTENSIONS, Transform, scan
     from retrieval.store import Staging, commit
 
@@ -173,26 +173,37 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
     embedded = 0
     if todo:
         progress.start(len(entries), reused, f"embedding with {backbone.spec.name}")
+
         # No autograd switch here: `forward` runs under inference_mode, and a global switch leaked to
         # the caller (training after indexing in one process broke).
-        try:
-            for batch in timer.timed("read", iter_batches(todo, transform, runtime, batch_size, workers)):
-                with timer.stage("map"):
-                    vectors = (
-                        forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
+        def consume(batch: Batch) -> None:
+            nonlocal embedded
+            with timer.stage("map"):
+                vectors = forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
+                finite = np.isfinite(vectors).all(axis=1) if len(vectors) else None
+                if finite is not None and not finite.all():
+                    # FAISS would index them and then never return them: stop with the cause.
+                    bad = batch.rows[int(np.argmin(finite))]["path"]
+                    raise RetrieveError(
+                        f"The backbone gives NaN or infinite features (first for {bad}); nothing "
+                        "from this run is committed. Check the weights, or try --dtype float32."
                     )
-                    finite = np.isfinite(vectors).all(axis=1) if len(vectors) else None
-                    if finite is not None and not finite.all():
-                        # FAISS would index them and then never return them: stop with the cause.
-                        bad = batch.rows[int(np.argmin(finite))]["path"]
-                        raise RetrieveError(
-                            f"The backbone gives NaN or infinite features (first for {bad}); nothing "
-                            "from this run is committed. Check the weights, or try --dtype float32."
-                        )
-                with timer.stage("write"):
-                    staging.add(vectors, batch.rows, batch.skipped)
-                embedded += len(batch.rows)
-                progress.advance(len(batch.rows) + len(batch.skipped))
+            with timer.stage("write"):
+                staging.add(vectors, batch.rows, batch.skipped)
+            embedded += len(batch.rows)
+            progress.advance(len(batch.rows) + len(batch.skipped))
+
+        try:
+            decode_all(
+                todo,
+                transform,
+                runtime,
+                batch_size,
+                workers,
+                consume,
+                wrap=lambda stream: timer.timed("read", stream),
+                warn=progress.warn,
+            )
         finally:
             # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.
             staging.flush()

@@ -150,9 +150,9 @@ class Staging:
         self.dir = index_dir / STAGING
         self.key = key
         self.shard_rows = shard_rows
-        self._vectors: list[np.ndarray] = []
-        self._rows: list[dict[str, Any]] = []
-        self._skipped: list[dict[str, Any]] = []
+        # One entry per add(): a single append, so an exception raised between two bytecodes (Ctrl-C,
+        # DataLoader's SIGCHLD handler) can never leave vectors without their rows.
+        self._pending: list[tuple[np.ndarray | None, list[dict[str, Any]], list[dict[str, Any]]]] = []
         self._next = 0
 
     def open(self) -> dict[str, Done]:
@@ -185,25 +185,29 @@ class Staging:
         return sorted(p.with_suffix("") for p in self.dir.glob("shard-*.parquet"))
 
     def add(self, vectors: np.ndarray, rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> None:
-        if len(vectors):
-            self._vectors.append(np.asarray(vectors, dtype=np.float32))
-            self._rows.extend(rows)
-        self._skipped.extend(skipped)
-        if len(self._rows) >= self.shard_rows:
+        block = np.asarray(vectors, dtype=np.float32) if len(vectors) else None
+        self._pending.append((block, list(rows) if block is not None else [], list(skipped)))
+        if sum(len(r) for _, r, _ in self._pending) >= self.shard_rows:
             self.flush()
 
     def flush(self) -> None:
-        if not self._rows and not self._skipped:
+        pending = self._pending
+        if not any(r or s for _, r, s in pending):
             return
         stem = self.dir / f"shard-{self._next:06d}"
-        dim = self._vectors[0].shape[1] if self._vectors else 0
-        vectors = np.concatenate(self._vectors) if self._vectors else np.zeros((0, dim), np.float32)
+        blocks = [v for v, _, _ in pending if v is not None]
+        dim = blocks[0].shape[1] if blocks else 0
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+        rows = [row for _, r, _ in pending for row in r]
         write_npy(stem.with_suffix(".npy"), vectors)
-        write_jsonl(stem.with_suffix(".skipped.jsonl"), self._skipped)
+        write_jsonl(stem.with_suffix(".skipped.jsonl"), [row for _, _, s in pending for row in s])
         # The metadata file is written last: its presence is what makes the shard count.
-        write_parquet(stem.with_suffix(".parquet"), pa.Table.from_pylist(self._rows, schema=METADATA_SCHEMA))
+        write_parquet(stem.with_suffix(".parquet"), pa.Table.from_pylist(rows, schema=METADATA_SCHEMA))
+        # The count moves on before the buffer is cleared: interrupted between the two, the next
+        # flush writes the same rows again under a new name (harmless: commit keeps the later copy)
+        # rather than over this shard with fewer rows.
         self._next += 1
-        self._vectors, self._rows, self._skipped = [], [], []
+        self._pending = []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""A file that crashes the C decoder kills its loader process: the run skips that file with a reason
+and finishes, instead of dying there on every re-run."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.utils.data
+from PIL import Image
+from typer.testing import CliRunner
+
+import retrieval.embed
+from pipelines.index_folder import Progress, build_index
+from retrieval.api import open_index
+from retrieval.cli import app
+from retrieval.config import IndexConfig
+from retrieval.errors import BadImageError
+
+# The crash is simulated by patching the decoder in this process; only forked loader processes
+# inherit the patch (under spawn or forkserver they would import the real one).
+pytestmark = pytest.mark.skipif(
+    multiprocessing.get_start_method() != "fork",
+    reason="the simulated crash reaches loader processes by fork",
+)
+
+real_load_tensor = retrieval.embed.load_tensor
+
+
+def _hostile_decoder(marker: Path | None = None, log: Path | None = None):
+    """load_tensor, except that a file named boom* segfaults the loader process decoding it (and
+    leaves a file in `log` for each crash).
+
+    With `marker`, the first file decoded in a loader process kills it once, whatever it is (a
+    process lost to something other than a file: the OOM killer, say), and nothing after that.
+    """
+
+    def load_tensor(path, transform):
+        in_loader = torch.utils.data.get_worker_info() is not None
+        if marker is not None and in_loader and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if marker is None and Path(path).name.startswith("boom"):
+            if not in_loader:  # never take the test process down
+                raise BadImageError("would have crashed this process")
+            if log is not None:
+                (log / f"{Path(path).name}.{os.getpid()}").touch()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real_load_tensor(path, transform)
+
+    return load_tensor
+
+
+def _folder(root: Path, n: int = 23) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            root / f"c{i % 2}" / f"{i:02d}.png"
+        )
+    return root
+
+
+class _Warnings(Progress):
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def _pixels(images: Path, index: Path, progress: Progress | None = None, **kw):
+    return build_index(IndexConfig(images=images, index=index, backbone="pixels", **kw), progress)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_files_that_crash_the_decoder_are_skipped_and_the_rest_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    clean = _folder(tmp_path / "clean")
+    _pixels(clean, tmp_path / "oracle", workers=0)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(clean, hostile)
+    # Valid PNGs: only the patched decoder makes them crash. One early, one late in the scan order.
+    shutil.copy(clean / "c0" / "00.png", hostile / "c0" / "boom-early.png")
+    shutil.copy(clean / "c1" / "21.png", hostile / "c1" / "zz-late.png")
+    shutil.copy(clean / "c1" / "21.png", hostile / "c1" / "boom-late.png")
+    monkeypatch.setattr(retrieval.embed, "load_tensor", _hostile_decoder())
+
+    progress = _Warnings()
+    report = _pixels(hostile, tmp_path / "idx", progress, workers=workers, batch_size=4)
+
+    got, want = open_index(tmp_path / "idx"), open_index(tmp_path / "oracle")
+    assert sorted(r["path"] for r in got.skipped()) == ["c0/boom-early.png", "c1/boom-late.png"]
+    assert all("crashed the image decoder" in r["reason"] for r in got.skipped())
+    assert report.skipped_reasons == {"crashed the image decoder": 2}
+    # Every other file is indexed exactly once, with the vector a crash-free run gives it.
+    assert [p for p in got.paths if p != "c1/zz-late.png"] == want.paths
+    mine = got.vectors()[[got.paths.index(p) for p in want.paths]]
+    np.testing.assert_array_equal(mine, want.vectors())
+    np.testing.assert_array_equal(got.vectors()[got.paths.index("c1/zz-late.png")], want.vectors()[-1])
+    # One warning per crash of the fast loader: one or two, as the crashes fall in one window or two.
+    assert progress.warnings and all("a decoding process died" in w for w in progress.warnings)
+
+
+class _StopAfter(_Warnings):
+    """Ctrl-C once `n` files are handled."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def advance(self, n: int) -> None:
+        self.n -= n
+        if self.n <= 0:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_does_not_meet_a_crash_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _folder(tmp_path / "imgs")
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "boom-a.png")  # 13th of 24 in scan order
+    shutil.copy(images / "c1" / "01.png", images / "c1" / "boom-b.png")  # 24th
+    (tmp_path / "log").mkdir()
+    monkeypatch.setattr(retrieval.embed, "load_tensor", _hostile_decoder(log=tmp_path / "log"))
+    cfg = dict(workers=2, batch_size=4, shard_rows=4)
+    first = _StopAfter(16)
+    with pytest.raises(KeyboardInterrupt):
+        _pixels(images, tmp_path / "idx", first, **cfg)
+    crashes = lambda name: sum(p.name.startswith(name + ".") for p in (tmp_path / "log").iterdir())  # noqa: E731
+    a_crashes = crashes("boom-a")
+    assert len(first.warnings) == 1 and a_crashes >= 1
+    second = _Warnings()
+    report = _pixels(images, tmp_path / "idx", second, **cfg)
+    # boom-a's skip was staged with the rest before Ctrl-C: the resumed run never decodes it again.
+    assert len(second.warnings) == 1 and crashes("boom-a") == a_crashes
+    assert report.indexed == 23 and sorted(r["path"] for r in open_index(tmp_path / "idx").skipped()) == [
+        "c0/boom-a.png",
+        "c1/boom-b.png",
+    ]
+
+
+def test_a_loader_process_lost_to_no_file_costs_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _folder(tmp_path / "imgs")
+    _pixels(images, tmp_path / "oracle", workers=0)
+    monkeypatch.setattr(retrieval.embed, "load_tensor", _hostile_decoder(marker=tmp_path / "killed-once"))
+    report = _pixels(images, tmp_path / "idx", workers=2, batch_size=4)
+    assert (tmp_path / "killed-once").exists()  # a loader process really died
+    assert report.skipped == 0 and report.indexed == 23
+    np.testing.assert_array_equal(
+        open_index(tmp_path / "idx").vectors(), open_index(tmp_path / "oracle").vectors()
+    )
+
+
+def test_the_cli_reports_a_decoder_crash_as_a_warning_and_a_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _folder(tmp_path / "imgs", n=6)
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")
+    monkeypatch.setattr(retrieval.embed, "load_tensor", _hostile_decoder())
+    r = CliRunner().invoke(
+        app, ["index", str(images), "-b", "pixels", "-i", str(tmp_path / "idx"), "--workers", "1"]
+    )
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "a decoding process died" in out and "Traceback" not in out
+    assert "crashed the image decoder" in out and len(open_index(tmp_path / "idx")) == 6
