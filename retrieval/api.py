@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from retrieval.errors import IndexFormatError, IndexNotFoundError, RetrieveError
+from retrieval.errors import BadImageError, IndexFormatError, IndexNotFoundError, RetrieveError
 from retrieval.paths import user_path
 from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest
 
@@ -214,7 +214,7 @@ class Index:
     # -- search -------------------------------------------------------------------------------
     def search_vectors(self, x: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Neighbours of each row of `x` (already embedded with this index's backbone)."""
-        k = _check_k(k)
+        k = check_k(k)
         if np.iscomplexobj(x):
             raise RetrieveError("query vectors must be real numbers, not complex.")
         try:
@@ -234,7 +234,7 @@ class Index:
         """Neighbours of images already in the index, by id or path; the image itself is left out."""
         from retrieval.index import drop_self
 
-        k = _check_k(k)
+        k = check_k(k)
         refs = [refs] if isinstance(refs, str | int | np.integer | os.PathLike) else refs
         ids = np.array([self.id_of(r) for r in refs], dtype=np.int64)
         x = self.searcher.reconstruct(ids)  # the rows asked for, not a copy of every shard
@@ -244,8 +244,17 @@ class Index:
         nb, dist = drop_self(nb, dist, ids, k)
         return self._hits(nb, dist)
 
-    def embed(self, paths: list[str | os.PathLike], device: str = "auto") -> np.ndarray:
-        """Embed image files exactly as the database was: same backbone, weights and preprocessing."""
+    def embed(
+        self,
+        paths: list[str | os.PathLike],
+        device: str = "auto",
+        on_bad: Callable[[int, BadImageError], None] | None = None,
+    ) -> np.ndarray:
+        """Embed image files exactly as the database was: same backbone, weights and preprocessing.
+
+        A bad file raises BadImageError naming it; with `on_bad`, it is reported there (its position
+        in `paths`, the error) and left out of the result instead.
+        """
         from retrieval.device import resolve_runtime
         from retrieval.embed import embed_files, prepare_model
 
@@ -253,12 +262,12 @@ class Index:
         runtime = resolve_runtime(device, self.manifest.get("dtype", "auto"))
         # Manifests from before `tta` existed were embedded without it.
         tta = bool(self.manifest.get("tta", False))
-        return embed_files(prepare_model(backbone, runtime), runtime, paths, tta=tta)
+        return embed_files(prepare_model(backbone, runtime), runtime, paths, tta=tta, on_bad=on_bad)
 
     def search_paths(
         self, paths: list[str | os.PathLike], k: int = 10, device: str = "auto"
     ) -> list[list[Hit]]:
-        k = _check_k(k)
+        k = check_k(k)
         paths = [paths] if isinstance(paths, str | os.PathLike) else paths
         return self.search_vectors(self.embed(paths, device=device), k)
 
@@ -330,7 +339,7 @@ def open_index(path: str | os.PathLike | None = None) -> Index:
     return Index(path if path is not None else last_index())
 
 
-def _check_k(k: Any) -> int:
+def check_k(k: Any) -> int:
     """`k` as an int of at least 1, or a RetrieveError (2.5, "5" and None are mistakes, not ks)."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise RetrieveError(f"k must be a whole number of at least 1, not {k!r}.")

@@ -233,18 +233,29 @@ def embed_files(
     paths: Sequence[str | os.PathLike],
     batch_size: int = 32,
     tta: bool = False,
+    on_bad: Callable[[int, BadImageError], None] | None = None,
 ) -> np.ndarray:
-    """Embed a few files in this process (queries); a bad file raises BadImageError naming it."""
+    """Embed a few files in this process (queries); a bad file raises BadImageError naming it.
+
+    With `on_bad`, a bad file is reported there (its position in `paths`, the error) and left out:
+    the result then has one row per good file, in order.
+    """
     transform = Transform(backbone.preprocess)
     out = []
     for start in range(0, len(paths), batch_size):
         tensors = []
-        for p in paths[start : start + batch_size]:
+        for i, p in enumerate(paths[start : start + batch_size], start):
             try:
-                tensors.append(load_tensor(user_path(p), transform)[0])
+                try:
+                    tensors.append(load_tensor(user_path(p), transform)[0])
+                except BadImageError as exc:
+                    raise BadImageError(f"{p}: {exc}") from None
+                except FileNotFoundError:
+                    raise BadImageError(f"{p}: no such file") from None
             except BadImageError as exc:
-                raise BadImageError(f"{p}: {exc}") from None
-            except FileNotFoundError:
-                raise BadImageError(f"{p}: no such file") from None
-        out.append(forward(backbone, runtime, transform, torch.stack(tensors), tta))
+                if on_bad is None:
+                    raise
+                on_bad(i, exc)
+        if tensors:
+            out.append(forward(backbone, runtime, transform, torch.stack(tensors), tta))
     return np.concatenate(out) if out else np.zeros((0, backbone.dim), np.float32)

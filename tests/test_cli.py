@@ -50,6 +50,28 @@ def test_query_by_id_excludes_itself_and_table_output(lenet_index: Path) -> None
     assert r.exit_code == 0 and "rank" in r.stdout and "distance" in r.stdout
 
 
+def test_one_bad_query_does_not_cost_the_others(lenet_index: Path, samples: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.png").write_text("not an image")
+    good = samples / "test" / "star" / "0001.png"
+    args = ["query", good, tmp_path / "notes.png", "--id", "nope.png", "--id", "train/circle/0002.png"]
+    r = invoke(*args, "--index", lenet_index, "-k", "2", "--json")
+    assert r.exit_code == 1, r.output  # answered, but not all of it
+    payload = json.loads(r.stdout)
+    # The answers are what each query gives on its own.
+    alone = json.loads(invoke("query", good, "--index", lenet_index, "-k", "2", "--json").stdout)
+    by_id = json.loads(
+        invoke("query", "--id", "train/circle/0002.png", "--index", lenet_index, "-k", "2", "--json").stdout
+    )
+    assert payload["results"] == alone["results"] + by_id["results"]
+    assert [e["query"] for e in payload["errors"]] == [str(tmp_path / "notes.png"), "nope.png"]
+    stderr = " ".join(r.stderr.split())
+    assert "notes.png" in stderr and "'nope.png' is not in the index" in stderr and "Traceback" not in stderr
+    r = invoke(*args, "--index", lenet_index, "-k", "2")  # tables for the two answered
+    assert r.exit_code == 1 and r.stdout.count("rank") == 2
+    r = invoke("query", tmp_path / "notes.png", "--id", "nope.png", "--index", lenet_index)
+    assert r.exit_code == 2 and not r.stdout and "notes.png" in r.stderr
+
+
 def test_last_index_is_remembered(samples: Path, tmp_path: Path) -> None:
     r = invoke("index", samples, "--index", tmp_path / "px", "--backbone", "pixels", "--workers", "0")
     assert r.exit_code == 0, r.output

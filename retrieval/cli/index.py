@@ -168,28 +168,57 @@ def query_cli(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     device: Annotated[str, typer.Option(help="Device for embedding the query images.")] = "auto",
 ) -> None:
-    """Find the k nearest neighbours (L2, or the index's metric) of images, in the index's feature space."""
-    from retrieval.api import open_index
+    """Find the k nearest neighbours (L2, or the index's metric) of images, in the index's feature space.
+
+    A query that cannot be answered (an unreadable image, an id not in the index) is reported on
+    stderr and the others are answered; the exit code is then 1 (2 when none could be).
+    """
+    from retrieval.api import check_k, open_index
     from retrieval.errors import RetrieveError
 
     if not images and not id:
         raise RetrieveError("Give image files to query, or --id for an image already in the index.")
+    k = check_k(k)
     idx = open_index(index)
-    results: list[tuple[str, list]] = []
+    answers: dict[int, list] = {}  # query position -> hits
+    failed: dict[int, str] = {}  # query position -> why not
+    queries = [str(p) for p in images or []] + list(id or [])
     if images:
-        results += list(
-            zip([str(p) for p in images], idx.search_paths(list(images), k, device=device), strict=True)
+        vectors = idx.embed(
+            list(images), device=device, on_bad=lambda i, exc: failed.__setitem__(i, str(exc))
         )
+        good = [i for i in range(len(images)) if i not in failed]
+        answers.update(zip(good, idx.search_vectors(vectors, k), strict=True))
     if id:
-        results += list(zip(id, idx.search_ids(list(id), k), strict=True))
+        known: list[int] = []
+        for j, ref in enumerate(id, len(images or [])):
+            try:
+                idx.id_of(ref)
+                known.append(j)
+            except RetrieveError as exc:
+                failed[j] = str(exc)
+        if known:
+            answers.update(zip(known, idx.search_ids([queries[j] for j in known], k), strict=True))
+    for j in sorted(failed):
+        err_console.print(f"[bold red]error:[/] {esc(failed[j])}", highlight=False, soft_wrap=True)
+    if not answers:
+        raise typer.Exit(2)
+    results = [(queries[j], answers[j]) for j in sorted(answers)]
     if as_json:
         payload = {
             "index": str(idx.path),
             "metric": idx.metric,
             "results": [{"query": q, "neighbours": [h.to_dict() for h in hits]} for q, hits in results],
+            "errors": [{"query": queries[j], "error": failed[j]} for j in sorted(failed)],
         }
         console.print_json(json.dumps(payload))
-        return
+    else:
+        _print_results(idx, results)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_results(idx, results: list[tuple[str, list]]) -> None:  # idx: retrieval.api.Index
     for q, hits in results:
         title = f"{esc(q)}  [dim]({idx.manifest['backbone']}, {idx.metric})[/]"
         table = Table(title=title, title_justify="left")
