@@ -77,6 +77,7 @@ class Index:
         self.path = user_path(path).absolute()
         self.manifest = read_manifest(self.path)
         self.dir = generation_dir(self.path, self.manifest)
+        self._opened = _identity(self.dir)
 
     # -- data ---------------------------------------------------------------------------------
     # Every read of the generation's files goes through `_read`; what is read is kept for the life of
@@ -86,13 +87,17 @@ class Index:
     def _read(self, read: Callable[[], T]) -> T:
         """`read()`, with a damaged-index error explained when the cause is a newer generation."""
         try:
+            if _identity(self.dir) != self._opened:
+                # The index folder was deleted and built again: its first generation has the name
+                # of the one opened here, and its files would silently mix with what is cached.
+                raise IndexFormatError(f"{self.dir} is not the generation opened here")
             return read()
         except IndexFormatError:
             try:
                 now = read_manifest(self.path)["generation"]
             except RetrieveError:
                 now = "none"
-            if now != self.manifest["generation"]:
+            if now != self.manifest["generation"] or _identity(self.dir) != self._opened:
                 raise IndexFormatError(
                     f"{self.path} was rebuilt since it was opened here ({self.manifest['generation']} -> "
                     f"{now}); open it again."
@@ -330,6 +335,19 @@ class Index:
         if backbone.preprocess != Preprocess.from_dict(m["preprocess"]):
             raise RetrieveError("The backbone's preprocessing differs from the one recorded in the index.")
         return backbone
+
+
+def _identity(generation: Path) -> tuple[int, int, int] | None:
+    """Which generation this is, not just its name; None if it is gone.
+
+    Read from its metadata file, which is never written again once committed (the folder itself
+    changes when a map caches into it): (device, inode, mtime).
+    """
+    try:
+        st = os.stat(generation / "metadata.parquet")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 def open_index(path: str | os.PathLike | None = None) -> Index:

@@ -129,6 +129,15 @@ def test_an_open_index_outlives_a_rebuild_or_says_to_reopen(tmp_path: Path, samp
     np.testing.assert_array_equal(used.vectors(), expected)
     with pytest.raises(IndexFormatError, match="was rebuilt since it was opened here"):
         unused.vectors()
+    # Deleted and built again: the new first generation has the old one's name.
+    _pixels(tmp_path / "imgs", tmp_path / "idx2")
+    fresh = open_index(tmp_path / "idx2")
+    shutil.rmtree(tmp_path / "idx2")
+    shutil.rmtree(tmp_path / "imgs" / "ring")
+    _pixels(tmp_path / "imgs", tmp_path / "idx2")
+    assert open_index(tmp_path / "idx2").manifest["generation"] == fresh.manifest["generation"]
+    with pytest.raises(IndexFormatError, match="was rebuilt since it was opened here"):
+        fresh.vectors()
 
 
 def test_a_users_gen_folders_are_never_touched_and_foreign_folders_refused(tmp_path: Path) -> None:
