@@ -111,12 +111,12 @@ def overhead(args: argparse.Namespace) -> dict:
     # The bare loop: same decoded uint8 images in memory, same model, batch, optimiser, autocast.
     from retrieval.backbones import Preprocess
     from retrieval.images import Transform
-    from retrieval.train import decode_all
+    from retrieval.train import decode_to_memory
 
     paths = sorted(p for p in (data / "train").rglob("*.png"))
     classes = sorted({p.parent.name for p in paths})
     labels = torch.tensor([classes.index(p.parent.name) for p in paths])
-    images, _, _ = decode_all(paths, Transform(Preprocess(size=32, resize=32)), 2)
+    images, _, _ = decode_to_memory(paths, Transform(Preprocess(size=32, resize=32)), 2)
     n = len(images) // bs * bs
     mean = images[:512].float().div(255).mean((0, 2, 3)).view(1, 3, 1, 1)
     std = images[:512].float().div(255).std((0, 2, 3)).view(1, 3, 1, 1)

@@ -89,8 +89,9 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
 def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Progress | None) -> IndexReport:
     from retrieval import __version__
     from retrieval.backbones import load_backbone
+    from retrieval.decoding import Batch, decode_all
     from retrieval.device import resolve_runtime
-    from retrieval.embed import Batch, decode_all, default_batch_size, default_workers, forward, prepare_model
+    from retrieval.embed import default_batch_size, default_workers, forward, prepare_model
     from retrieval.images import IMAGE_EXTENSIONS, Transform, scan
     from retrieval.store import Staging, commit
 
@@ -176,8 +177,9 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
 
         # No autograd switch here: `forward` runs under inference_mode, and a global switch leaked to
         # the caller (training after indexing in one process broke).
+        handed: dict[int, int] = {}  # batch start -> files embedded; a repeat is counted once
+
         def consume(batch: Batch) -> None:
-            nonlocal embedded
             with timer.stage("map"):
                 vectors = forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
                 finite = np.isfinite(vectors).all(axis=1) if len(vectors) else None
@@ -190,17 +192,18 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
                     )
             with timer.stage("write"):
                 staging.add(vectors, batch.rows, batch.skipped)
-            embedded += len(batch.rows)
-            progress.advance(len(batch.rows) + len(batch.skipped))
+            if batch.start not in handed:  # decode_all hands a batch over again after a crash
+                handed[batch.start] = len(batch.rows)
+                progress.advance(batch.count)
 
         try:
             decode_all(
                 todo,
                 transform,
-                runtime,
                 batch_size,
                 workers,
                 consume,
+                pin_memory=runtime.device.type == "cuda",
                 wrap=lambda stream: timer.timed("read", stream),
                 warn=progress.warn,
             )
@@ -208,6 +211,7 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
             # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.
             staging.flush()
             progress.stop()
+        embedded = sum(handed.values())
 
     with timer.stage("commit"):
         manifest = commit(

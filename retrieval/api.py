@@ -188,7 +188,8 @@ class Index:
                 raise RetrieveError(f"id {ref} is out of range (the index holds {len(self)} images).")
             return int(ref)
         s = str(ref)
-        if s.isdigit() and s not in self._ids_by_path:
+        # isdigit() alone takes "²" and "٣", which int() refuses or reads as another number.
+        if s.isascii() and s.isdigit() and s not in self._ids_by_path:
             return self.id_of(int(s))
         candidates = [s.replace(os.sep, "/"), *self._under_root(s)]
         # A path like images/dogs/12.jpg given from the root's parent: strip leading components.
@@ -202,7 +203,10 @@ class Index:
     def _under_root(self, ref: str | os.PathLike) -> list[str]:
         """`ref` as paths relative to the root: as given (made absolute) and with links resolved."""
         p = user_path(ref)
-        bases = (p.absolute(), p.resolve())
+        try:
+            bases: tuple[Path, ...] = (p.absolute(), p.resolve())
+        except (RuntimeError, OSError):  # a symlink loop, or a path too long to resolve
+            bases = (p.absolute(),)
         return [b.relative_to(self.root).as_posix() for b in bases if b.is_relative_to(self.root)]
 
     def _indexed(self, ref: str | os.PathLike) -> int | None:

@@ -174,6 +174,10 @@ class Staging:
             for p, b, m, c in zip(*(table.column(c).to_pylist() for c in cols), strict=True):
                 done[p] = Done(b, m, c)
             for row in read_jsonl(shard.with_suffix(".skipped.jsonl")):
+                if row.get("crash"):
+                    # It crashed the decoder: decoded again, in case the machine was at fault.
+                    done.pop(row["path"], None)
+                    continue
                 done[row["path"]] = Done(row["bytes"], row["mtime"], row.get("ctime", 0.0))
         self._next = 1 + max((int(s.stem.split("-")[1]) for s in self.shards()), default=-1)
         return done

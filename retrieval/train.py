@@ -353,74 +353,54 @@ def _available_memory() -> int:
     return 4 << 30
 
 
-# Below this many files, threads in this process; above, worker processes (see decode_all).
+# Below this many files, threads in this process; above, worker processes (see decode_to_memory).
 PROCESS_DECODE_MIN = 4096
 
 
-class _DecodeChunks(torch.utils.data.Dataset):
-    """Chunks of files decoded in a DataLoader worker process: (start, uint8 images, ok, reasons)."""
-
-    def __init__(self, paths: Sequence[Path], transform: Transform, chunk: int) -> None:
-        self.paths, self.transform, self.chunk = list(paths), transform, chunk
-
-    def __len__(self) -> int:
-        return -(-len(self.paths) // self.chunk)
-
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, list[bool], list[str]]:
-        start = k * self.chunk
-        part = self.paths[start : start + self.chunk]
-        pre = self.transform.pre
-        out = torch.zeros(len(part), pre.channels, pre.size, pre.size, dtype=torch.uint8)
-        ok, reasons = [True] * len(part), [""] * len(part)
-        for i, path in enumerate(part):
-            try:
-                out[i] = load_tensor(path, self.transform)[0]
-            except BadImageError as exc:
-                ok[i], reasons[i] = False, str(exc)
-        return start, out, ok, reasons
-
-
-def decode_all(
+def decode_to_memory(
     paths: Sequence[Path], transform: Transform, workers: int
 ) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, str]]]:
     """Decode every file once into uint8 [N, C, S, S] (S = transform's size).
 
     Returns (images, ok mask, problems as (position, reason)); a bad file leaves a zero image and
     ok=False. Small images cost ~300 us each, mostly Python in PIL's open path under the GIL, so
-    threads do not scale: large sets are decoded in chunks by DataLoader worker processes
-    (60k CIFAR JPEGs took ~40 s with 16 threads on a 16-core machine).
+    threads do not scale: large sets are decoded by worker processes (60k CIFAR JPEGs took ~40 s
+    with 16 threads on a 16-core machine), where a file that crashes the decoder is skipped too
+    (`retrieval.decoding.decode_all`).
     """
     pre = transform.pre
     out = torch.zeros(len(paths), pre.channels, pre.size, pre.size, dtype=torch.uint8)
     ok = np.ones(len(paths), dtype=bool)
-    problems: list[tuple[int, str]] = []
+    problems: dict[int, str] = {}
     if workers >= 2 and len(paths) >= PROCESS_DECODE_MIN:
-        chunk = max(64, min(1024, len(paths) // (4 * workers)))
-        loader = torch.utils.data.DataLoader(
-            _DecodeChunks(paths, transform, chunk),
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=2,
-        )
-        for start, images, chunk_ok, reasons in loader:
-            out[start : start + len(images)] = images
-            for i, (good, reason) in enumerate(zip(chunk_ok, reasons, strict=True)):
-                if not good:
-                    ok[start + i] = False
-                    problems.append((start + i, reason))
-        return out, ok, sorted(problems)
+        from retrieval.decoding import Batch, decode_all
+        from retrieval.images import ImageFileEntry
+
+        # Each file's position stands in for its relative path: the rows say where it goes.
+        entries = [ImageFileEntry(Path(p), str(i), "", 0, 0.0) for i, p in enumerate(paths)]
+
+        def consume(batch: Batch) -> None:  # idempotent: decode_all may hand a batch over twice
+            for j, row in enumerate(batch.rows):
+                out[int(row["path"])] = batch.images[j]
+            for row in batch.skipped:
+                ok[int(row["path"])] = False
+                problems[int(row["path"])] = row["reason"]
+
+        batch = max(64, min(1024, len(paths) // (4 * workers)))
+        decode_all(entries, transform, batch, workers, consume)
+        return out, ok, sorted(problems.items())
 
     def one(i: int) -> None:
         try:
             out[i] = load_tensor(paths[i], transform)[0]
         except BadImageError as exc:
             ok[i] = False
-            problems.append((i, str(exc)))
+            problems[i] = str(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for _ in pool.map(one, range(len(paths))):
             pass
-    return out, ok, sorted(problems)
+    return out, ok, sorted(problems.items())
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -465,7 +445,7 @@ class ImageSource:
         self.problems: list[tuple[Path, str]] = []
         self.images: torch.Tensor | None = None
         if cache and self.paths:
-            images, ok, problems = decode_all(self.paths, transform, workers)
+            images, ok, problems = decode_to_memory(self.paths, transform, workers)
             self.problems = [(self.paths[i], reason) for i, reason in problems]
             if not ok.all():  # drop undecodable files so they never reach the model
                 keep = torch.from_numpy(np.flatnonzero(ok))

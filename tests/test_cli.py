@@ -70,6 +70,20 @@ def test_one_bad_query_does_not_cost_the_others(lenet_index: Path, samples: Path
     assert r.exit_code == 1 and r.stdout.count("rank") == 2
     r = invoke("query", tmp_path / "notes.png", "--id", "nope.png", "--index", lenet_index)
     assert r.exit_code == 2 and not r.stdout and "notes.png" in r.stderr
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    r = invoke(
+        "query",
+        tmp_path / "notes.png",
+        "--id",
+        "²",
+        "--id",
+        tmp_path / "loop",
+        "--index",
+        lenet_index,
+        "--json",
+    )
+    assert r.exit_code == 2 and "Traceback" not in r.output  # nothing answered, and still JSON
+    assert json.loads(r.stdout)["results"] == [] and len(json.loads(r.stdout)["errors"]) == 3
 
 
 def test_last_index_is_remembered(samples: Path, tmp_path: Path) -> None:

@@ -526,9 +526,9 @@ def test_process_decode_equals_thread_decode(shapes: Path, tmp_path: Path, monke
     paths = sorted((shapes / "test").rglob("*.png"))[:40]
     paths.insert(7, tmp_path / "bad.png")
     transform = Transform(Preprocess(size=24, resize=28, channels=1))
-    threads = train_mod.decode_all(paths, transform, 2)
+    threads = train_mod.decode_to_memory(paths, transform, 2)
     monkeypatch.setattr(train_mod, "PROCESS_DECODE_MIN", 1)
-    procs = train_mod.decode_all(paths, transform, 2)
+    procs = train_mod.decode_to_memory(paths, transform, 2)
     assert torch.equal(procs[0], threads[0]) and procs[0].shape == (41, 1, 24, 24)
     assert procs[1].tolist() == threads[1].tolist() and not procs[1][7]
     assert procs[2] == threads[2] and procs[2][0][0] == 7

@@ -201,8 +201,6 @@ def query_cli(
             answers.update(zip(known, idx.search_ids([queries[j] for j in known], k), strict=True))
     for j in sorted(failed):
         err_console.print(f"[bold red]error:[/] {esc(failed[j])}", highlight=False, soft_wrap=True)
-    if not answers:
-        raise typer.Exit(2)
     results = [(queries[j], answers[j]) for j in sorted(answers)]
     if as_json:
         payload = {
@@ -215,7 +213,7 @@ def query_cli(
     else:
         _print_results(idx, results)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(1 if answers else 2)
 
 
 def _print_results(idx, results: list[tuple[str, list]]) -> None:  # idx: retrieval.api.Index
