@@ -203,7 +203,6 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
                 batch_size,
                 workers,
                 consume,
-                pin_memory=runtime.device.type == "cuda",
                 wrap=lambda stream: timer.timed("read", stream),
                 warn=progress.warn,
             )

@@ -6,6 +6,7 @@ import faulthandler
 import gc
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import pickle
 import signal
 import sys
@@ -33,6 +34,10 @@ CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.
 MAX_CRASHES_IN_A_ROW = 32
 # A file whose process is killed this many times by something other than a crash stops the run.
 MAX_UNEXPLAINED_DEATHS = 2
+# No batch from the loader for this long: a decoder is stuck in a loop; isolation finds the file.
+LOADER_TIMEOUT_S = 600.0
+# No result for one file for this long, in isolation: that file hangs the decoder and is skipped.
+FILE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -106,29 +111,50 @@ def _quiet_abandoned_transfers(
 
 
 def iter_batches(
-    entries: Sequence[ImageFileEntry],
-    transform: Transform,
-    batch_size: int,
-    workers: int,
-    pin_memory: bool = False,
+    entries: Sequence[ImageFileEntry], transform: Transform, batch_size: int, workers: int
 ) -> Iterator[Batch]:
     """Decoded batches in order, `workers` processes decoding ahead; no protection from crashes."""
-    yield from _loader(entries, transform, batch_size, workers, pin_memory)
+    yield from _loader(entries, transform, batch_size, workers)
+
+
+def _context() -> Any:
+    """fork where it is safe (Linux): a decoding process then starts in milliseconds. Under spawn or
+    forkserver (Python 3.14's default) each one imports torch again, seconds per restart, which
+    made a folder with ten crashing files take minutes instead of seconds."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+def _before_fork() -> None:
+    # Garbage the parent still holds (a dropped temporary file, a closed loader's pipes) is
+    # finalised here, once, instead of once per child with a warning each.
+    gc.collect()
+    # Children share the parent's multiprocessing temp folder (fd-passing sockets) when it exists
+    # first; a child that made its own and then died left it behind in /tmp.
+    multiprocessing.util.get_temp_dir()
 
 
 def _loader(
-    entries: Sequence[ImageFileEntry], transform: Transform, batch_size: int, workers: int, pin_memory: bool
+    entries: Sequence[ImageFileEntry], transform: Transform, batch_size: int, workers: int
 ) -> DataLoader:
+    if workers:
+        _before_fork()
     return DataLoader(
         ImageDataset(entries, transform),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=collate,
-        pin_memory=pin_memory,
+        # No pin_memory: torch's pinning thread cannot pin a Batch (it has no pin_memory method, so
+        # nothing was ever pinned), and a process dying mid-transfer hung that thread's shutdown.
         prefetch_factor=PREFETCH if workers else None,
         persistent_workers=False,
         worker_init_fn=_child_setup if workers else None,
+        multiprocessing_context=_context() if workers else None,
+        # A file that makes a decoder loop forever: the stalled loader goes to isolation, which
+        # finds it (FILE_TIMEOUT_S), instead of waiting for ever.
+        timeout=LOADER_TIMEOUT_S if workers else 0,
     )
 
 
@@ -139,7 +165,6 @@ def decode_all(
     workers: int,
     consume: Callable[[Batch], None],
     *,
-    pin_memory: bool = False,
     wrap: Callable[[Iterator[Batch]], Iterator[Batch]] = lambda it: it,
     warn: Callable[[str], None] = lambda message: None,
 ) -> None:
@@ -147,10 +172,10 @@ def decode_all(
 
     A damaged or hostile file can crash a C decoder (libjpeg, libpng, libtiff, libwebp) and kill
     the process decoding it, which no `except` in that process can stop; without this every re-run
-    would die at the same file. When a loader process dies, the files it may have held (its
-    prefetch window) are decoded again, each range serially in a process of its own so that a
-    death names its file exactly; a file that crashes one (a crash signal) is handed over as
-    skipped with the reason, and the fast loader resumes after the window.
+    would die at the same file. When a loader process dies (or the loader stalls), the files it may
+    have held (its prefetch window) are decoded again, each range serially in a process of its own
+    so that a death names its file exactly; a file that crashes one (a crash signal) or hangs it is
+    handed over as skipped with the reason, and the fast loader resumes after the window.
 
     DataLoader reports a death from its next batch, or from its SIGCHLD handler, which can raise
     anywhere in the main thread, inside `consume` too. So `consume` may be handed a batch again
@@ -158,11 +183,13 @@ def decode_all(
     `wrap` sees the batch iterator (to time it). `workers=0` decodes in this process: no protection.
     """
     pos = 0
+    streak = _Streak()
     while pos < len(entries):
-        it = iter(_loader(entries[pos:], transform, batch_size, workers, pin_memory))
+        it = iter(_loader(entries[pos:], transform, batch_size, workers))
         try:
             for batch in wrap(it):
                 batch.start = pos
+                streak.saw_good(batch.count)
                 consume(batch)
                 pos += batch.count
             return
@@ -177,27 +204,30 @@ def decode_all(
                 raise
         finally:
             _stop(it)
+            it = None  # its pipes are closed now, before the next processes are forked
         # Everything the dead loader had asked its processes for: its prefetch, plus one batch.
         end = min(len(entries), pos + batch_size * (PREFETCH * workers + 1))
         warn(
-            f"a decoding process died ({death}); decoding the {end - pos} files it may have held "
-            "again, one process per range, to find any that crash it"
+            f"a decoding process {death}; decoding the {end - pos} files it may have held again, "
+            "one process per range, to find any that crash it"
         )
-        for batch in _isolate(entries, pos, end, transform, batch_size, max(1, workers)):
+        for batch in _isolate(entries, pos, end, transform, batch_size, max(1, workers), streak):
             consume(batch)
             pos = batch.start + batch.count
 
 
 def _death(it: Any, exc: Exception) -> str | None:
-    """How a loader process died, if that is what `exc` means; None for any other error.
+    """How a loader process died or stalled, if that is what `exc` means; None for any other error.
 
-    DataLoader words it in two ways ("exited unexpectedly", "is killed by signal: ..."); and a
+    DataLoader words a death in two ways ("exited unexpectedly", "is killed by signal: ..."); and a
     process that dies while handing over a batch breaks the transfer itself (EOFError,
     ConnectionResetError) before it can be reaped, so every error is checked against the processes.
     """
     workers = getattr(it, "_workers", None)
     if not workers:
         return None
+    if str(exc).startswith("DataLoader timed out"):
+        return f"stalled (no batch in {LOADER_TIMEOUT_S:g} s)"
     deadline = time.monotonic() + (0.0 if _reports_death(exc) else 1.0)
     while True:
         codes = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
@@ -205,8 +235,8 @@ def _death(it: Any, exc: Exception) -> str | None:
             break
         time.sleep(0.02)
     if not codes:
-        return None
-    return ", ".join(_describe(code) for code in codes)
+        return f"died ({errors.first_line(exc).rstrip(' .')})" if _reports_death(exc) else None
+    return f"died ({', '.join(_describe(code) for code in codes)})"
 
 
 def _reports_death(exc: BaseException) -> bool:
@@ -238,14 +268,38 @@ def _stop(it: Any) -> None:
 # -- isolation: one range per process, every death attributed --------------------------------------
 
 
+class _Streak:
+    """Files in a row that crashed the decoder, across windows: many is the machine, not the files."""
+
+    def __init__(self) -> None:
+        self.crashes = 0
+
+    def saw_good(self, n: int) -> None:
+        if n:
+            self.crashes = 0
+
+    def saw(self, row: dict[str, Any]) -> None:
+        self.crashes = self.crashes + 1 if row.get("crash") else 0
+        if self.crashes >= MAX_CRASHES_IN_A_ROW:
+            raise RetrieveError(
+                f"The image decoder crashed on {self.crashes} files in a row (the last {row['path']}): "
+                "the machine's image libraries look broken, not the files. Nothing was skipped for "
+                "it; fix the installation and run the command again."
+            )
+
+
 def _decode_serially(entries: Sequence[ImageFileEntry], transform: Transform, conn: Any) -> None:
     """Child process: decode `entries` in order and send each result as soon as it is made."""
-    _child_setup()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _child_setup()
     dataset = ImageDataset(entries, transform)
     for i in range(len(dataset)):
-        tensor, row = dataset[i]
-        conn.send((None if tensor is None else tensor.numpy(), row))
+        try:
+            tensor, row = dataset[i]
+        except Exception as exc:  # a bug, not a bad file (those are rows): the parent raises it
+            conn.send(("error", f"decoding {entries[i].path} failed: {type(exc).__name__}: {exc}"))
+            break
+        conn.send(("ok", None if tensor is None else tensor.numpy(), row))
     conn.close()
 
 
@@ -255,9 +309,11 @@ class _Range:
 
     entries: Sequence[ImageFileEntry]
     got: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
-    unexplained: int = 0
+    unexplained: int = 0  # deaths that blame no file, at position `unexplained_at`
+    unexplained_at: int = -1
     proc: Any = None
     conn: Any = None
+    since: float = 0.0  # when the file it is on was started
 
     def start(self, context: Any, transform: Transform) -> None:
         recv, send = context.Pipe(duplex=False)
@@ -266,30 +322,50 @@ class _Range:
         )
         self.proc.start()
         send.close()  # the child holds the only writer: its death is our EOF
-        self.conn = recv
+        self.conn, self.since = recv, time.monotonic()
 
-    def ended(self, context: Any, transform: Transform) -> None:
-        """The process stopped sending: finished, or died at the file after the last one sent."""
+    def receive(self) -> bool:
+        """Take one message; False when the process has stopped sending (finished, or died)."""
+        try:
+            message = self.conn.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            return False
+        if message[0] == "error":
+            raise RetrieveError(message[1])
+        self.got.append(message[1:])
+        self.since = time.monotonic()
+        return True
+
+    def overdue(self, now: float) -> bool:
+        return self.conn is not None and now - self.since > FILE_TIMEOUT_S
+
+    def ended(self, hung: bool = False) -> bool:
+        """The process stopped (or is stopped, `hung`): finished, or lost at the file after the last
+        one sent. Returns whether files are left to decode (in a new process)."""
+        if hung:
+            self.proc.kill()
         self.conn.close()
         self.proc.join()
         code, self.conn = self.proc.exitcode, None
         if len(self.got) == len(self.entries):
-            return
+            return False
         culprit = self.entries[len(self.got)]
-        if code is not None and code < 0 and -code in CRASH_SIGNALS:
-            reason = f"crashed the image decoder ({_describe(code)})"
+        if hung or (code is not None and code < 0 and -code in CRASH_SIGNALS):
+            why = f"no result in {FILE_TIMEOUT_S:g} s" if hung else _describe(code)
+            reason = f"{'hung' if hung else 'crashed'} the image decoder ({why})"
             # `crash`: a resumed run decodes it again, in case the machine, not the file, was at fault.
             self.got.append((None, {**file_row(culprit), "reason": reason, "crash": True}))
         else:
-            self.unexplained += 1
+            at = len(self.got)
+            self.unexplained = self.unexplained + 1 if at == self.unexplained_at else 1
+            self.unexplained_at = at
             if self.unexplained >= MAX_UNEXPLAINED_DEATHS:
                 raise RetrieveError(
                     f"The process decoding {culprit.path} was stopped {self.unexplained} times "
                     f"({_describe(code or 0)}), which is not a decoder crash (out of memory? see any "
                     "error printed above). Nothing is lost; run the command again to continue."
                 )
-        if len(self.got) < len(self.entries):
-            self.start(context, transform)
+        return len(self.got) < len(self.entries)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.is_alive():
@@ -306,40 +382,37 @@ def _isolate(
     transform: Transform,
     batch_size: int,
     parallel: int,
+    streak: _Streak,
 ) -> Iterator[Batch]:
     """Batches of entries[pos:end], each decoded serially in a process of its own, `parallel` at once.
 
     A process sends each file's result as it is made, so when it dies the file it was on is the
     one after the last it sent; memory holds `parallel` batches.
     """
-    context = multiprocessing.get_context()
-    crashes_in_a_row = 0
+    context = _context()
     for round_start in range(pos, end, batch_size * parallel):
         starts = range(round_start, min(end, round_start + batch_size * parallel), batch_size)
         ranges = [_Range(entries[s : min(end, s + batch_size)]) for s in starts]
         try:
+            _before_fork()
             for r in ranges:
                 r.start(context, transform)
             while live := {r.conn: r for r in ranges if r.conn is not None}:
-                for conn in multiprocessing.connection.wait(list(live)):
-                    r = live[conn]
-                    try:
-                        r.got.append(conn.recv())
-                    except (EOFError, OSError, pickle.UnpicklingError):
-                        r.ended(context, transform)
+                ready = multiprocessing.connection.wait(list(live), timeout=1.0)
+                restart = [r for r in (live[c] for c in ready) if not r.receive() and r.ended()]
+                now = time.monotonic()
+                restart += [r for r in live.values() if r.overdue(now) and r.ended(hung=True)]
+                if restart:
+                    _before_fork()  # outside any `except`: nothing of this frame leaks into the child
+                for r in restart:
+                    r.start(context, transform)
         finally:
             for r in ranges:
                 r.stop()
         # Nothing is handed over while a process of this round is alive.
         for s, r in zip(starts, ranges, strict=True):
             for _, row in r.got:
-                crashes_in_a_row = crashes_in_a_row + 1 if row.get("crash") else 0
-                if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
-                    raise RetrieveError(
-                        f"The image decoder crashed on {crashes_in_a_row} files in a row (the last "
-                        f"{row['path']}): the machine's image libraries look broken, not the files. "
-                        "Nothing was skipped for it; fix the installation and run the command again."
-                    )
+                streak.saw(row)
             good = [torch.from_numpy(a) for a, _ in r.got if a is not None]
             yield Batch(
                 torch.stack(good) if good else torch.zeros(0, dtype=torch.uint8),

@@ -4,9 +4,12 @@ and finishes, instead of dying there on every re-run."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import shutil
 import signal
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,10 @@ def _hostile_decoder(marker: Path | None = None, log: Path | None = None):
             if log is not None:
                 (log / f"{Path(path).name}.{os.getpid()}").touch()
             os.kill(os.getpid(), signal.SIGSEGV)
+        if Path(path).name.startswith("hang") and in_loader:
+            time.sleep(3600)  # a decoder stuck in a loop
+        if Path(path).name.startswith("oops") and in_loader:
+            raise KeyError("a bug in decoding, not a bad file")
         return real_load_tensor(path, transform)
 
     return load_tensor
@@ -198,16 +205,32 @@ def test_a_loader_process_lost_to_no_file_costs_no_file(
 def test_the_cli_reports_a_decoder_crash_as_a_warning_and_a_skip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    images = _folder(tmp_path / "imgs", n=6)
-    shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")
+    images = _folder(tmp_path / "imgs", n=30)
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")  # 16th: after batches were sent
     monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
+    pymp = lambda: set(Path(tempfile.gettempdir()).glob("pymp-*"))  # noqa: E731
+    before = pymp()
     r = CliRunner().invoke(
-        app, ["index", str(images), "-b", "pixels", "-i", str(tmp_path / "idx"), "--workers", "1"]
+        app,
+        [
+            "index",
+            str(images),
+            "-b",
+            "pixels",
+            "-i",
+            str(tmp_path / "idx"),
+            "--workers",
+            "1",
+            "--batch-size",
+            "2",
+        ],
     )
     assert r.exit_code == 0, r.output
+    # The dead process's fd-passing folder was this process's own, not one left behind in /tmp.
+    assert pymp() - before <= {Path(multiprocessing.util.get_temp_dir())}
     out = " ".join(r.output.split())
     assert "a decoding process died" in out and "Traceback" not in out
-    assert "crashed the image decoder" in out and len(open_index(tmp_path / "idx")) == 6
+    assert "crashed the image decoder" in out and len(open_index(tmp_path / "idx")) == 30
 
 
 def test_training_data_decoded_in_processes_skips_a_crashing_file(
@@ -232,3 +255,62 @@ def test_training_data_decoded_in_processes_skips_a_crashing_file(
     assert ok.tolist() == [i != boom for i in range(len(paths))]
     keep = torch.from_numpy(ok)
     assert torch.equal(got[keep], want[keep])
+
+
+def test_a_file_that_hangs_the_decoder_is_skipped_after_a_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _folder(tmp_path / "imgs", n=10)
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "hang.png")
+    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
+    monkeypatch.setattr(retrieval.decoding, "LOADER_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(retrieval.decoding, "FILE_TIMEOUT_S", 1.0)
+    progress = _Warnings()
+    report = _pixels(images, tmp_path / "idx", progress, workers=1, batch_size=4)
+    assert report.indexed == 10 and "stalled (no batch in 2 s)" in progress.warnings[0]
+    [row] = open_index(tmp_path / "idx").skipped()
+    assert row["path"] == "c0/hang.png" and row["reason"] == "hung the image decoder (no result in 1 s)"
+
+
+def test_the_crash_streak_spans_windows_and_kills_blame_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _folder(tmp_path / "imgs", n=1)
+    for i in range(12):
+        shutil.copy(images / "c0" / "00.png", images / "c0" / f"boom{i:02d}.png")
+    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
+    monkeypatch.setattr(retrieval.decoding, "MAX_CRASHES_IN_A_ROW", 8)
+    # Windows of batch x (prefetch x workers + 1) = 5 files: the streak must carry across them.
+    with pytest.raises(RetrieveError, match="crashed on 8 files in a row"):
+        _pixels(images, tmp_path / "idx", workers=1, batch_size=1)
+
+    # Files each killed once (not crashes) are retries, not one file killed twice: the loader
+    # meets 02 first, then isolation meets 04 and 01 in one range (scan order 00 02 04 01 03 05).
+    other = _folder(tmp_path / "other", n=6)
+    test_process = os.getpid()
+
+    def killed_once_each(path, transform):
+        mark = tmp_path / f"killed-{Path(path).name}"
+        if (
+            os.getpid() != test_process
+            and Path(path).name in {"02.png", "04.png", "01.png"}
+            and not mark.exists()
+        ):
+            mark.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_load_tensor(path, transform)
+
+    monkeypatch.setattr(retrieval.decoding, "load_tensor", killed_once_each)
+    report = _pixels(other, tmp_path / "idx2", workers=1, batch_size=4)
+    assert report.indexed == 6 and report.skipped == 0 and len(list(tmp_path.glob("killed-*"))) == 3
+
+
+def test_a_bug_while_decoding_in_isolation_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _folder(tmp_path / "imgs", n=6)
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "oops.png")  # in boom's window
+    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
+    with pytest.raises(RetrieveError, match=r"oops.png failed: KeyError"):
+        _pixels(images, tmp_path / "idx", workers=1, batch_size=8)
