@@ -110,13 +110,6 @@ def _quiet_abandoned_transfers(
         sys.__excepthook__(exc_type, exc, tb)
 
 
-def iter_batches(
-    entries: Sequence[ImageFileEntry], transform: Transform, batch_size: int, workers: int
-) -> Iterator[Batch]:
-    """Decoded batches in order, `workers` processes decoding ahead; no protection from crashes."""
-    yield from _loader(entries, transform, batch_size, workers)
-
-
 def _context() -> Any:
     """fork where it is safe (Linux): a decoding process then starts in milliseconds. Under spawn or
     forkserver (Python 3.14's default) each one imports torch again, seconds per restart, which
@@ -199,7 +192,7 @@ def decode_all(
             except RuntimeError as again:  # the SIGCHLD handler, while we looked: it is the answer
                 if not _reports_death(again):
                     raise
-                death = errors.first_line(again)
+                death = f"died ({errors.first_line(again).rstrip(' .')})"
             if death is None:
                 raise
         finally:
