@@ -34,8 +34,12 @@ CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.
 MAX_CRASHES_IN_A_ROW = 32
 # A file whose process is killed this many times by something other than a crash stops the run.
 MAX_UNEXPLAINED_DEATHS = 2
-# No batch from the loader for this long: a decoder is stuck in a loop; isolation finds the file.
-LOADER_TIMEOUT_S = 600.0
+# No batch from the loader for this long, per file in a batch (at least STALL_MIN_S): a decoder is
+# stuck in a loop, and isolation finds the file. A batch is one process's work, file after file.
+STALL_PER_FILE_S = 5.0
+STALL_MIN_S = 120.0
+# DataLoader checks for dead processes only between timed waits for a batch: wait in short ones.
+POLL_S = 5.0
 # No result for one file for this long, in isolation: that file hangs the decoder and is skipped.
 FILE_TIMEOUT_S = 60.0
 
@@ -120,8 +124,9 @@ def _context() -> Any:
 
 
 def _before_fork() -> None:
-    # Garbage the parent still holds (a dropped temporary file, a closed loader's pipes) is
-    # finalised here, once, instead of once per child with a warning each.
+    # Garbage the parent still holds (a dropped temporary file, a stopped loader's pipes) is
+    # finalised here, once, instead of once per child with a warning each. Called once per loader
+    # start and once per recovery: a collection takes ~0.5 s in a process holding a million files.
     gc.collect()
     # Children share the parent's multiprocessing temp folder (fd-passing sockets) when it exists
     # first; a child that made its own and then died left it behind in /tmp.
@@ -131,8 +136,6 @@ def _before_fork() -> None:
 def _loader(
     entries: Sequence[ImageFileEntry], transform: Transform, batch_size: int, workers: int
 ) -> DataLoader:
-    if workers:
-        _before_fork()
     return DataLoader(
         ImageDataset(entries, transform),
         batch_size=batch_size,
@@ -145,10 +148,35 @@ def _loader(
         persistent_workers=False,
         worker_init_fn=_child_setup if workers else None,
         multiprocessing_context=_context() if workers else None,
-        # A file that makes a decoder loop forever: the stalled loader goes to isolation, which
-        # finds it (FILE_TIMEOUT_S), instead of waiting for ever.
-        timeout=LOADER_TIMEOUT_S if workers else 0,
+        # Short waits, retried by _patient up to the stall limit (see POLL_S).
+        timeout=POLL_S if workers else 0,
     )
+
+
+class _Stalled(RuntimeError):
+    """No batch from the loader within its stall limit."""
+
+
+def _patient(it: Any, limit: float) -> Iterator[Batch]:
+    """Batches from a loader iterator, waiting up to `limit` seconds for each in POLL_S steps.
+
+    A file that makes a decoder loop forever would otherwise hold the run for good: past the limit
+    the loader counts as stalled and isolation finds the file (FILE_TIMEOUT_S).
+    """
+    while True:
+        waiting = time.monotonic()
+        while True:
+            try:
+                batch = next(it)
+                break
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if not str(exc).startswith("DataLoader timed out"):
+                    raise
+                if time.monotonic() - waiting >= limit:
+                    raise _Stalled(f"stalled (no batch in {limit:g} s)") from None
+        yield batch
 
 
 def decode_all(
@@ -177,10 +205,13 @@ def decode_all(
     """
     pos = 0
     streak = _Streak()
+    stall = max(STALL_MIN_S, STALL_PER_FILE_S * batch_size)
+    if workers:
+        _before_fork()
     while pos < len(entries):
         it = iter(_loader(entries[pos:], transform, batch_size, workers))
         try:
-            for batch in wrap(it):
+            for batch in wrap(_patient(it, stall) if workers else it):
                 batch.start = pos
                 streak.saw_good(batch.count)
                 consume(batch)
@@ -197,7 +228,8 @@ def decode_all(
                 raise
         finally:
             _stop(it)
-            it = None  # its pipes are closed now, before the next processes are forked
+            it = None
+        _before_fork()  # the stopped loader's pipes are finalised here, not in the next children
         # Everything the dead loader had asked its processes for: its prefetch, plus one batch.
         end = min(len(entries), pos + batch_size * (PREFETCH * workers + 1))
         warn(
@@ -219,8 +251,8 @@ def _death(it: Any, exc: Exception) -> str | None:
     workers = getattr(it, "_workers", None)
     if not workers:
         return None
-    if str(exc).startswith("DataLoader timed out"):
-        return f"stalled (no batch in {LOADER_TIMEOUT_S:g} s)"
+    if isinstance(exc, _Stalled):
+        return str(exc)
     deadline = time.monotonic() + (0.0 if _reports_death(exc) else 1.0)
     while True:
         codes = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
@@ -330,7 +362,8 @@ class _Range:
         return True
 
     def overdue(self, now: float) -> bool:
-        return self.conn is not None and now - self.since > FILE_TIMEOUT_S
+        # poll: a result that arrived just now is taken on the next pass, not killed as a hang.
+        return self.conn is not None and now - self.since > FILE_TIMEOUT_S and not self.conn.poll(0)
 
     def ended(self, hung: bool = False) -> bool:
         """The process stopped (or is stopped, `hung`): finished, or lost at the file after the last
@@ -338,7 +371,10 @@ class _Range:
         if hung:
             self.proc.kill()
         self.conn.close()
-        self.proc.join()
+        self.proc.join(timeout=5.0)
+        if self.proc.is_alive():  # it stopped sending (a broken pipe) yet lives: it cannot go on
+            self.proc.kill()
+            self.proc.join()
         code, self.conn = self.proc.exitcode, None
         if len(self.got) == len(self.entries):
             return False
@@ -387,7 +423,6 @@ def _isolate(
         starts = range(round_start, min(end, round_start + batch_size * parallel), batch_size)
         ranges = [_Range(entries[s : min(end, s + batch_size)]) for s in starts]
         try:
-            _before_fork()
             for r in ranges:
                 r.start(context, transform)
             while live := {r.conn: r for r in ranges if r.conn is not None}:
@@ -395,9 +430,7 @@ def _isolate(
                 restart = [r for r in (live[c] for c in ready) if not r.receive() and r.ended()]
                 now = time.monotonic()
                 restart += [r for r in live.values() if r.overdue(now) and r.ended(hung=True)]
-                if restart:
-                    _before_fork()  # outside any `except`: nothing of this frame leaks into the child
-                for r in restart:
+                for r in restart:  # outside any `except`: no exception context leaks into the child
                     r.start(context, transform)
         finally:
             for r in ranges:

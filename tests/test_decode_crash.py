@@ -263,7 +263,9 @@ def test_a_file_that_hangs_the_decoder_is_skipped_after_a_deadline(
     images = _folder(tmp_path / "imgs", n=10)
     shutil.copy(images / "c0" / "00.png", images / "c0" / "hang.png")
     monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
-    monkeypatch.setattr(retrieval.decoding, "LOADER_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(retrieval.decoding, "STALL_MIN_S", 2.0)
+    monkeypatch.setattr(retrieval.decoding, "STALL_PER_FILE_S", 0.25)  # x batch 4: under the minimum
+    monkeypatch.setattr(retrieval.decoding, "POLL_S", 0.5)
     monkeypatch.setattr(retrieval.decoding, "FILE_TIMEOUT_S", 1.0)
     progress = _Warnings()
     report = _pixels(images, tmp_path / "idx", progress, workers=1, batch_size=4)
