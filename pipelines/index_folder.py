@@ -82,7 +82,8 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
             f"{index_dir} is a folder with other files in it, not an index; give --index a new or empty "
             "folder (an index writes and replaces files of its own there)."
         )
-    with writer_lock(index_dir):
+    progress = progress or Progress()
+    with writer_lock(index_dir, warn=progress.warn):
         return _build_index(config, root, index_dir, progress)
 
 

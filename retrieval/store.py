@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,18 +81,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def writer_lock(index_dir: Path) -> Iterator[None]:
+def writer_lock(index_dir: Path, warn: Callable[[str], None] = lambda message: None) -> Iterator[None]:
     """Hold the index folder's write lock, or fail at once if another run holds it.
 
     Two runs on one folder share `.staging/` and delete it under each other at commit, so the
     second one must not start. The lock is an advisory `flock` on `.lock`: the kernel drops it when
-    its holder dies, so a killed run never leaves the folder locked.
+    its holder dies, so a killed run never leaves the folder locked. Where the file system refuses
+    locks (some NFS mounts), the run goes on unlocked and `warn` says so.
     """
     if index_dir.exists() and not index_dir.is_dir():
         raise IndexFormatError(f"{index_dir} is a file, not an index folder; choose another --index.")
     created = not index_dir.exists()
     index_dir.mkdir(parents=True, exist_ok=True)
-    with _flock(index_dir / LOCK):
+    with _flock(index_dir / LOCK, warn):
         try:
             yield
         finally:
@@ -103,7 +104,7 @@ def writer_lock(index_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def _flock(path: Path, warn: Callable[[str], None]) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: no advisory locks, the caller is trusted to run one job
@@ -120,6 +121,17 @@ def _flock(path: Path) -> Iterator[None]:
                 f"Another `retrieve index` (pid {holder}) is writing to {index_dir}; wait for it to "
                 "finish, or write to another --index."
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks, not another run
+            unlockable = exc.strerror or str(exc)
+        else:
+            unlockable = None
+        if unlockable is not None:
+            warn(
+                f"{index_dir} cannot be locked ({unlockable}; a network file system?): going on "
+                "without the lock, so do not start a second `retrieve index` on it meanwhile."
+            )
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))

@@ -57,6 +57,31 @@ def test_a_second_writer_is_refused_and_the_first_index_is_whole(tmp_path: Path,
     assert len(open_index(index)) == len(list((samples / "train").rglob("*.png")))
 
 
+def test_a_file_system_without_locks_warns_and_indexes(
+    tmp_path: Path, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    from pipelines.index_folder import Progress
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    seen: list[str] = []
+
+    class Warnings(Progress):
+        def warn(self, message: str) -> None:
+            seen.append(message)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    report = build_index(
+        IndexConfig(images=samples / "test", index=tmp_path / "idx", backbone="pixels", workers=0), Warnings()
+    )
+    assert report.indexed == len(list((samples / "test").rglob("*.png")))
+    assert len(seen) == 1 and "cannot be locked (No locks available" in seen[0]
+
+
 def test_a_run_that_fails_early_leaves_no_empty_index_folder(tmp_path: Path, samples: Path) -> None:
     with pytest.raises(RetrieveError, match="Unknown backbone"):
         build_index(IndexConfig(images=samples, index=tmp_path / "new", backbone="nope", workers=0))
