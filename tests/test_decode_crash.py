@@ -316,3 +316,20 @@ def test_a_bug_while_decoding_in_isolation_is_one_clear_error(
     monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
     with pytest.raises(RetrieveError, match=r"oops.png failed: KeyError"):
         _pixels(images, tmp_path / "idx", workers=1, batch_size=8)
+
+
+def test_viz_over_a_folder_skips_a_file_that_crashes_the_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retrieval.visualise import SaliencyConfig, load_model, saliency_folder, top_patches
+
+    images = _folder(tmp_path / "imgs", n=12)
+    shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")
+    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
+    vm = load_model("lenet", "none")
+    run = saliency_folder(vm, images, tmp_path / "sal", SaliencyConfig(method="vanilla", batch_size=4))
+    assert run.images == 12 and [rel for rel, _ in run.skipped] == ["c0/boom.png"]
+    assert "crashed the image decoder" in run.skipped[0][1]
+    assert len(list((tmp_path / "sal").rglob("*.png"))) == 12
+    patches = top_patches(vm, images, "conv1", channel=0, n=3, batch_size=4, device="cpu")
+    assert patches.images == 12 and [rel for rel, _ in patches.skipped] == ["c0/boom.png"]

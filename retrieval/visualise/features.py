@@ -16,7 +16,14 @@ from retrieval.errors import RetrieveError
 from retrieval.images import Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, conv_module, frozen_copy
-from retrieval.visualise.source import VizModel, iter_batches, list_images, load_image, nothing_decoded
+from retrieval.visualise.source import (
+    Batch,
+    VizModel,
+    decode_batches,
+    list_images,
+    load_image,
+    nothing_decoded,
+)
 
 FILTER_MODES = ("auto", "rgb", "grey", "mean", "channels")
 
@@ -157,10 +164,12 @@ def top_patches(
     heap: list[tuple[float, int, str, str, Path, int, int]] = []
     skipped = list(problems)
     seen = 0
-    for batch in iter_batches(entries, transform, batch_size):
+
+    def consume(batch: Batch) -> None:
+        nonlocal seen
         skipped.extend(batch.skipped)
         if not batch.entries:
-            continue
+            return
         with torch.inference_mode():
             act = probe(batch.inputs.to(runtime.device))[layer].float()
         if act.ndim != 4:
@@ -180,6 +189,8 @@ def top_patches(
                 heapq.heappush(heap, item)
             elif item[0] > heap[0][0]:
                 heapq.heapreplace(heap, item)
+
+    decode_batches(entries, transform, batch_size, consume)
     if not heap:
         raise nothing_decoded(path, len(entries), skipped)
     best = sorted(heap, key=lambda t: (-t[0], t[1]))

@@ -18,7 +18,7 @@ from retrieval.errors import RetrieveError, UnknownNameError
 from retrieval.images import ImageFileEntry, Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, Target, frozen_copy, target_scores
-from retrieval.visualise.source import VizModel, iter_batches, list_images, nothing_decoded
+from retrieval.visualise.source import Batch, VizModel, decode_batches, list_images, nothing_decoded
 
 METHODS = ("vanilla", "guided", "gradcam", "guided-gradcam")
 
@@ -269,7 +269,9 @@ def saliency_folder(
     done = 0
     skipped: list[tuple[str, str]] = list(problems)
     with render.HtmlReport(out / "report.html", f"Saliency: {config.method}", meta, columns) as report:
-        for batch in iter_batches(entries, transform, config.batch_size):
+
+        def consume(batch: Batch) -> None:
+            nonlocal done
             skipped.extend(batch.skipped)
             if batch.entries:
                 maps = engine(batch.inputs)
@@ -278,6 +280,8 @@ def saliency_folder(
                 done += len(batch.entries)
             if progress is not None:
                 progress(done + len(skipped), len(entries))
+
+        decode_batches(entries, transform, config.batch_size, consume)
         if done == 0:  # raised inside: the half-written report is removed, not renamed into place
             raise nothing_decoded(path, len(entries), skipped)
         for rel, reason in skipped:

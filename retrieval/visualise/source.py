@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,29 +85,34 @@ class Batch:
     skipped: list[tuple[str, str]]  # (relpath, reason) of files in this stretch that failed to decode
 
 
-def iter_batches(entries: list[ImageFileEntry], transform: Transform, batch_size: int) -> Iterator[Batch]:
-    """Decode `entries` into batches of `batch_size` good images; bad files are reported, not raised."""
+def decode_batches(
+    entries: list[ImageFileEntry], transform: Transform, batch_size: int, consume: Callable[[Batch], None]
+) -> None:
+    """Hand `consume` the entries decoded, in order, in batches of up to `batch_size` files.
+
+    A folder is decoded ahead in a loader process, where a file that crashes the C decoder is
+    skipped with the reason instead of killing the run (`retrieval.decoding.decode_all`); one batch
+    or less is decoded here. A batch the loader hands over again after an interruption
+    (`decode_all` explains when) is consumed once.
+    """
+    from retrieval import decoding
+
     if batch_size < 1:
         raise RetrieveError("batch size must be at least 1")
-    good: list[ImageFileEntry] = []
-    pixels: list[torch.Tensor] = []
-    skipped: list[tuple[str, str]] = []
-    for entry in entries:
-        try:
-            tensor, _, _ = load_tensor(entry.path, transform)
-        except BadImageError as exc:
-            skipped.append((entry.relpath, str(exc)))
-            continue
-        good.append(entry)
-        pixels.append(tensor)
-        if len(good) == batch_size:
-            stacked = torch.stack(pixels)
-            yield Batch(good, stacked, transform.normalize(stacked), skipped)
-            good, pixels, skipped = [], [], []
-    if good or skipped:
-        stacked = torch.stack(pixels) if pixels else torch.empty(0, dtype=torch.uint8)
-        inputs = transform.normalize(stacked) if pixels else torch.empty(0)
-        yield Batch(good, stacked, inputs, skipped)
+    by_path = {e.relpath: e for e in entries}
+    consumed: set[int] = set()
+
+    def take(b: decoding.Batch) -> None:
+        if b.start in consumed:
+            return
+        pixels = b.images if b.rows else torch.empty(0, dtype=torch.uint8)
+        inputs = transform.normalize(pixels) if b.rows else torch.empty(0)
+        good = [by_path[r["path"]] for r in b.rows]
+        consume(Batch(good, pixels, inputs, [(r["path"], r["reason"]) for r in b.skipped]))
+        consumed.add(b.start)
+
+    workers = 1 if len(entries) > batch_size else 0
+    decoding.decode_all(entries, transform, batch_size, workers, take)
 
 
 def load_image(path: str | os.PathLike, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
