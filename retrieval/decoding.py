@@ -40,7 +40,7 @@ STALL_PER_FILE_S = 5.0
 STALL_MIN_S = 120.0
 # DataLoader checks for dead processes only between timed waits for a batch: wait in short ones.
 POLL_S = 5.0
-# No result for one file for this long, in isolation: that file hangs the decoder and is skipped.
+# No result for one file for this long, twice, in isolation: that file hangs the decoder and is skipped.
 FILE_TIMEOUT_S = 60.0
 
 
@@ -336,6 +336,7 @@ class _Range:
     got: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     unexplained: int = 0  # deaths that blame no file, at position `unexplained_at`
     unexplained_at: int = -1
+    hung_at: int = -1  # the position of a file that already hung once
     proc: Any = None
     conn: Any = None
     since: float = 0.0  # when the file it is on was started
@@ -379,6 +380,11 @@ class _Range:
         if len(self.got) == len(self.entries):
             return False
         culprit = self.entries[len(self.got)]
+        if hung and self.hung_at != len(self.got):
+            # Once is not proof: a process forked while another thread held a lock (stderr, say)
+            # can stall on its first write. The file is tried again in a fresh process first.
+            self.hung_at = len(self.got)
+            return True
         if hung or (code is not None and code < 0 and -code in CRASH_SIGNALS):
             why = f"no result in {FILE_TIMEOUT_S:g} s" if hung else _describe(code)
             reason = f"{'hung' if hung else 'crashed'} the image decoder ({why})"

@@ -56,7 +56,10 @@ def _hostile_decoder(marker: Path | None = None, log: Path | None = None):
                 (log / f"{Path(path).name}.{os.getpid()}").touch()
             os.kill(os.getpid(), signal.SIGSEGV)
         if Path(path).name.startswith("hang") and in_loader:
-            time.sleep(3600)  # a decoder stuck in a loop
+            once = Path(path).with_suffix(".hung")
+            if not Path(path).name.startswith("hangonce") or not once.exists():
+                once.touch()
+                time.sleep(3600)  # a decoder stuck in a loop (hangonce*: only the first time)
         if Path(path).name.startswith("oops") and in_loader:
             raise KeyError("a bug in decoding, not a bad file")
         return real_load_tensor(path, transform)
@@ -272,6 +275,16 @@ def test_a_file_that_hangs_the_decoder_is_skipped_after_a_deadline(
     assert report.indexed == 10 and "stalled (no batch in 2 s)" in progress.warnings[0]
     [row] = open_index(tmp_path / "idx").skipped()
     assert row["path"] == "c0/hang.png" and row["reason"] == "hung the image decoder (no result in 1 s)"
+
+    # A process that stalls once (a lock inherited at fork, say) costs a retry, not the file.
+    again = _folder(tmp_path / "again", n=10)
+    shutil.copy(again / "c0" / "00.png", again / "c0" / "boom.png")  # sends the window to isolation
+    shutil.copy(again / "c0" / "00.png", again / "c0" / "hangonce.png")
+    report = _pixels(again, tmp_path / "idx2", workers=1, batch_size=4)
+    assert (again / "c0" / "hangonce.hung").exists()  # it did hang once
+    assert report.indexed == 11 and [r["path"] for r in open_index(tmp_path / "idx2").skipped()] == [
+        "c0/boom.png"
+    ]
 
 
 def test_the_crash_streak_spans_windows_and_kills_blame_per_file(
