@@ -75,16 +75,12 @@ def embed_files(
         tensors = []
         for i, p in enumerate(paths[start : start + batch_size], start):
             try:
-                try:
-                    tensors.append(load_tensor(user_path(p), transform)[0])
-                except BadImageError as exc:
-                    raise BadImageError(f"{p}: {exc}") from None
-                except FileNotFoundError:
-                    raise BadImageError(f"{p}: no such file") from None
-            except BadImageError as exc:
+                tensors.append(load_tensor(user_path(p), transform)[0])
+            except (BadImageError, FileNotFoundError) as exc:
+                error = BadImageError(f"{p}: {exc if isinstance(exc, BadImageError) else 'no such file'}")
                 if on_bad is None:
-                    raise
-                on_bad(i, exc)
+                    raise error from None
+                on_bad(i, error)
         if tensors:
             out.append(forward(backbone, runtime, transform, torch.stack(tensors), tta))
     return np.concatenate(out) if out else np.zeros((0, backbone.dim), np.float32)

@@ -190,15 +190,14 @@ def query_cli(
         good = [i for i in range(len(images)) if i not in failed]
         answers.update(zip(good, idx.search_vectors(vectors, k), strict=True))
     if id:
-        known: list[int] = []
+        known: dict[int, int] = {}  # query position -> its id in the index
         for j, ref in enumerate(id, len(images or [])):
             try:
-                idx.id_of(ref)
-                known.append(j)
+                known[j] = idx.id_of(ref)
             except RetrieveError as exc:
                 failed[j] = str(exc)
         if known:
-            answers.update(zip(known, idx.search_ids([queries[j] for j in known], k), strict=True))
+            answers.update(zip(known, idx.search_ids(list(known.values()), k), strict=True))
     for j in sorted(failed):
         err_console.print(f"[bold red]error:[/] {esc(failed[j])}", highlight=False, soft_wrap=True)
     results = [(queries[j], answers[j]) for j in sorted(answers)]
