@@ -109,8 +109,8 @@ def overhead(args: argparse.Namespace) -> dict:
         return float(np.median(ips)) / bs
 
     # The bare loop: same decoded uint8 images in memory, same model, batch, optimiser, autocast.
-    from retrieval.backbones import Preprocess
     from retrieval.images import Transform
+    from retrieval.preprocess import Preprocess
     from retrieval.train import decode_to_memory
 
     paths = sorted(p for p in (data / "train").rglob("*.png"))

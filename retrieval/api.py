@@ -315,7 +315,8 @@ class Index:
     # -- model --------------------------------------------------------------------------------
     def backbone(self):  # -> Backbone
         """The backbone the index was built with; refuses weights that differ from the recorded hash."""
-        from retrieval.backbones import Preprocess, load_backbone
+        from retrieval.backbones import load_backbone
+        from retrieval.preprocess import Preprocess
 
         m = self.manifest
         w = m["weights"]

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from retrieval.atomic import atomic_write
-from retrieval.backbones import Preprocess
 from retrieval.errors import CheckpointError, first_line
+from retrieval.preprocess import Preprocess
 
 FORMAT = "retrieve-checkpoint"
 VERSION = 1

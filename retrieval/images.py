@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from retrieval.backbones import Preprocess
 from retrieval.errors import BadImageError
 from retrieval.paths import user_path
+from retrieval.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # PIL's default bomb limit (~89 Mpx) warns at 1x and raises at 2x; we treat anything over 1x as a

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.atomic import write_json
-from retrieval.backbones import BackboneSpec, Preprocess, get_spec
+from retrieval.backbones import BackboneSpec, get_spec
 from retrieval.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from retrieval.config import known_keys
 from retrieval.device import Runtime, resolve_runtime
 from retrieval.errors import BadImageError, CheckpointError, EmptyInputError, RetrieveError, first_line
 from retrieval.images import Transform, load_tensor, scan
 from retrieval.paths import user_path
+from retrieval.preprocess import Preprocess
 
 AUGMENTS = ("auto", "crop", "rrc", "none")
 OPTIMIZERS = ("sgd", "adamw")

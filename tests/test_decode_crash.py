@@ -229,8 +229,8 @@ def test_training_data_decoded_in_processes_skips_a_crashing_file(
     import torch
 
     import retrieval.train as train_mod
-    from retrieval.backbones import Preprocess
     from retrieval.images import Transform
+    from retrieval.preprocess import Preprocess
 
     images = _folder(tmp_path / "imgs", n=12)
     shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")

@@ -12,10 +12,10 @@ from PIL import Image
 
 from pipelines.index_folder import build_index
 from retrieval.api import open_index
-from retrieval.backbones import Preprocess
 from retrieval.config import IndexConfig
 from retrieval.errors import BadImageError, EmptyInputError
 from retrieval.images import Transform, open_image, scan
+from retrieval.preprocess import Preprocess
 
 
 def _rgb(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:

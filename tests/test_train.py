@@ -320,8 +320,8 @@ def test_norm_bias_lr_scale_speeds_up_only_the_norm_shifts() -> None:
 
 
 def test_flip_tta_validates_on_the_mean_logits_of_image_and_mirror() -> None:
-    from retrieval.backbones import Preprocess
     from retrieval.images import Transform
+    from retrieval.preprocess import Preprocess
 
     torch.manual_seed(0)
     model = get_spec("resnet8_small").builder(4, 3).eval()
@@ -519,8 +519,8 @@ def test_real_subprocess_trains_and_ctrl_c_saves_a_resumable_run(shapes: Path, t
 
 def test_process_decode_equals_thread_decode(shapes: Path, tmp_path: Path, monkeypatch) -> None:
     import retrieval.train as train_mod
-    from retrieval.backbones import Preprocess
     from retrieval.images import Transform
+    from retrieval.preprocess import Preprocess
 
     (tmp_path / "bad.png").write_bytes(b"not a png")
     paths = sorted((shapes / "test").rglob("*.png"))[:40]

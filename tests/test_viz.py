@@ -18,13 +18,13 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from retrieval.backbones import Preprocess
 from retrieval.checkpoint import Checkpoint, save_checkpoint
 from retrieval.cli import app
 from retrieval.device import resolve_runtime
 from retrieval.errors import RetrieveError, UnknownNameError
 from retrieval.images import Transform, load_tensor, scan
 from retrieval.models import LeNet5
+from retrieval.preprocess import Preprocess
 from retrieval.samples import SampleConfig, make_samples
 from retrieval.visualise import (
     DreamConfig,

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.backbones import Preprocess
 from retrieval.errors import RetrieveError
+from retrieval.preprocess import Preprocess
 
 # Anchors of a perceptually ordered dark-to-bright map (close to matplotlib's "inferno"), so the
 # package needs no matplotlib.

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retrieval.backbones import Preprocess
 from retrieval.errors import BadImageError, EmptyInputError, RetrieveError
 from retrieval.images import IMAGE_EXTENSIONS, ImageFileEntry, Transform, load_tensor, scan
 from retrieval.paths import user_path
+from retrieval.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
