@@ -418,6 +418,12 @@ def test_checkpoint_round_trips_through_index_weights(trained, shapes: Path, tmp
     got = np.asarray(idx.vectors()[::9])
     cos = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
     assert cos.min() > 0.99, cos  # bf16 autocast at index time on CPUs that have it
+    # Queried from disk, each file finds itself: queries are embedded with what the manifest
+    # recorded, so a wrong preprocessing there fails here, not only in the slow demo test.
+    hits = idx.search_paths(files, k=1)
+    assert [h[0].path for h in hits] == [f.relative_to(idx.root).as_posix() for f in files]
+    scale = float(np.linalg.norm(got, axis=1).max())
+    assert max(h[0].distance for h in hits) < 1e-2 * scale, hits
 
 
 def test_other_arch_and_corrupt_checkpoints_are_clear_errors(trained, shapes: Path, tmp_path: Path) -> None:
