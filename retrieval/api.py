@@ -164,21 +164,16 @@ class Index:
         return read_jsonl(self.dir / "skipped.jsonl")
 
     @cached_property
-    def searcher(self):  # -> ExactIndex
+    def searcher(self):  # -> VectorIndex
         return self._read(self._load_searcher)
 
-    def _load_searcher(self):  # -> ExactIndex
-        from retrieval.index import ExactIndex
+    def _load_searcher(self):  # -> VectorIndex
+        from retrieval.index import load_index
 
         if not (self.dir / "index.faiss").exists():
             raise IndexFormatError(f"{self.path} lacks its FAISS index file.")
-        kind = self.manifest.get("search_index", {}).get("type", "exact")
-        if kind != "exact":
-            raise IndexFormatError(
-                f"{self.path} holds a {kind!r} search index, which this version of retrieve cannot read; "
-                "upgrade retrieve or rebuild the index."
-            )
-        return ExactIndex.load(self.dir / "index.faiss", metric=self.metric)
+        record = self.manifest.get("search_index", {"type": "exact"})
+        return load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path))
 
     # -- lookups ------------------------------------------------------------------------------
     def id_of(self, ref: str | int | os.PathLike) -> int:

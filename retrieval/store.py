@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ import pyarrow.parquet as pq
 
 from retrieval.atomic import atomic_write, sync_dir, write_json
 from retrieval.errors import EmptyInputError, IndexFormatError, IndexNotFoundError, RetrieveError
+
+if TYPE_CHECKING:
+    from retrieval.index import VectorIndex
 
 FORMAT = "retrieve-index"
 FORMAT_VERSION = 1
@@ -242,11 +245,13 @@ def commit(
     manifest: dict[str, Any],
     metric: str,
     shard_rows: int,
+    index: VectorIndex | None = None,
 ) -> dict[str, Any]:
     """Turn the staged shards into a new generation, then switch manifest.json to it.
 
     `order` is the scan order of relative paths: ids follow it, whatever order (or how many
     interrupted runs) the shards were written in. Files staged but no longer present are dropped.
+    `index` is the (unfitted) search index to build over the vectors: exact search by default.
     """
     from retrieval.index import ExactIndex
 
@@ -307,7 +312,7 @@ def commit(
             vector_files.append(fname)
             yield out
 
-    index = ExactIndex(metric=metric).fit(blocks())
+    index = (index or ExactIndex(metric=metric)).fit(blocks())
     index.save(tmp / "index.faiss")
     with open(tmp / "index.faiss", "rb+") as fh:  # FAISS writes it directly: make it durable too
         os.fsync(fh.fileno())
@@ -323,9 +328,8 @@ def commit(
         "generation": name,
         "vector_files": vector_files,
         "counts": {"indexed": len(rows), "skipped": len(skipped)},
-        # What index.faiss is. Exact today; the approximate indexes (IVF/HNSW/PQ under a memory and
-        # recall budget) will record their factory string and parameters here.
-        "search_index": {"type": "exact", "faiss": type(index.index_).__name__},
+        # What index.faiss is, for `index.load_index`: its kind, factory string and parameters.
+        "search_index": index.record(),
         "committed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(index_dir / MANIFEST, manifest)  # the atomic switch to the new generation

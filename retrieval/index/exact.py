@@ -1,29 +1,16 @@
-"""Exact nearest-neighbour search over float32 vectors with FAISS: pure functions and one fitted object."""
+"""Exact nearest-neighbour search with FAISS (IndexFlatL2, or inner product on unit vectors): the first VectorIndex."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from retrieval.errors import RetrieveError, first_line
-
-METRICS = ("l2", "cosine")
-
-
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise RetrieveError(f"Unknown metric {metric!r}; choose one of {', '.join(METRICS)}.")
-    return metric
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Unit-length rows (zero rows stay zero), as float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+from retrieval.index.base import check_metric, normalize_rows, register_kind
 
 
 class ExactIndex:
@@ -47,19 +34,29 @@ class ExactIndex:
 
     def fit(self, blocks: np.ndarray | Iterable[np.ndarray]) -> ExactIndex:
         """Add vectors given as one array or as an iterator of blocks (data larger than RAM)."""
-        import faiss
-
         check_metric(self.metric)
         self.index_ = None
         for block in [blocks] if isinstance(blocks, np.ndarray) else blocks:
-            block = self._prepare(block)
-            if self.index_ is None:
-                d = block.shape[1]
-                self.index_ = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
-            self.index_.add(block)
+            self.add(block)
         if self.index_ is None:
             raise RetrieveError("no vectors to index")
         return self
+
+    def add(self, x: np.ndarray) -> None:
+        """Append rows (ids continue from `ntotal`); the first block fixes the dimension."""
+        import faiss
+
+        block = self._prepare(x)
+        if getattr(self, "index_", None) is None:
+            d = block.shape[1]
+            self.index_ = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
+        elif block.shape[1] != self.dim:  # FAISS would abort the process on an assertion
+            raise RetrieveError(f"vectors have {block.shape[1]} dims, the index has {self.dim}")
+        self.index_.add(block)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest records as `search_index`: enough for `load_index` to open the file."""
+        return {"type": "exact", "faiss": type(self.index_).__name__}
 
     @property
     def ntotal(self) -> int:
@@ -137,20 +134,4 @@ class ExactIndex:
         return obj
 
 
-def drop_self(
-    ids: np.ndarray, dist: np.ndarray, self_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Leave each query's own id out of its row of k + 1 results (the last one when it is absent).
-
-    Shared by leave-one-out evaluation and the map's neighbour lists; exactly
-    `Index.search_ids(exclude_self=True)`: a duplicate image ranked ahead of the query
-    itself stays; missing neighbours (-1) are dropped; rows are padded with -1 / inf.
-    """
-    keep = (ids != self_ids[:, None]) & (ids >= 0)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept columns first, in rank order
-    out_ids = np.take_along_axis(ids, order, axis=1)
-    out_d = np.take_along_axis(dist, order, axis=1).astype(np.float32)
-    kept = np.take_along_axis(keep, order, axis=1)
-    out_ids[~kept] = -1
-    out_d[~kept] = np.inf
-    return out_ids, out_d
+register_kind("exact", lambda path, metric, record: ExactIndex.load(path, metric=metric))
