@@ -204,7 +204,7 @@ def _index(
         try:
             manifest = read_manifest(index)
             sha = load_backbone(backbone, weights).weights.sha256
-            if manifest["weights"]["sha256"] == sha and Path(manifest["root"]) == images.absolute():
+            if manifest.weights.sha256 == sha and Path(manifest.root) == images.absolute():
                 return True
         except Exception:  # an unreadable index is rebuilt below
             pass

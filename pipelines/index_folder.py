@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -94,7 +93,7 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
     from retrieval.device import resolve_runtime
     from retrieval.embed import default_batch_size, default_workers, forward, prepare_model
     from retrieval.images import IMAGE_EXTENSIONS, Transform, scan
-    from retrieval.store import Staging, commit
+    from retrieval.store import Manifest, Staging, WeightsRecord, commit
 
     progress = progress or Progress()
     t0 = time.perf_counter()
@@ -126,34 +125,22 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
             f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
         )
 
-    manifest: dict[str, Any] = {
-        "format": "retrieve-index",
-        "format_version": 1,
-        "retrieve_version": __version__,
-        "root": str(root),
-        "backbone": backbone.spec.name,
-        "layer": backbone.layer,
-        "weights": {
-            "kind": backbone.weights.kind,
-            "id": backbone.weights.id,
-            "sha256": backbone.weights.sha256,
-        },
-        "checkpoint": str(Path(config.weights).absolute()) if backbone.weights.kind == "checkpoint" else None,
-        "preprocess": backbone.preprocess.to_dict(),
-        "dim": backbone.dim,
-        "metric": config.metric,
-        "tta": config.tta,
-        "dtype": "float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
-    }
+    manifest = Manifest(
+        retrieve_version=__version__,
+        root=str(root),
+        backbone=backbone.spec.name,
+        layer=backbone.layer,
+        weights=WeightsRecord(backbone.weights.kind, backbone.weights.id, backbone.weights.sha256),
+        checkpoint=str(Path(config.weights).absolute()) if backbone.weights.kind == "checkpoint" else None,
+        preprocess=backbone.preprocess,
+        dim=backbone.dim,
+        metric=config.metric,
+        tta=config.tta,
+        dtype="float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
+    )
     # Staged shards are reused only by a run that would compute the same vectors (and that wrote
-    # the same shard layout: 2 added ctime).
-    key = {
-        "layout": 2,
-        **{
-            k: manifest[k]
-            for k in ("root", "backbone", "layer", "weights", "preprocess", "dim", "tta", "dtype")
-        },
-    }
+    # the same shard layout).
+    key = manifest.run_key()
     staging = Staging(index_dir, key, config.shard_rows)
     done = staging.open()
     todo = [
@@ -219,7 +206,6 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
             staging,
             [e.relpath for e in entries] + [p for p, _ in problems],
             manifest,
-            config.metric,
             config.shard_rows,
         )
     from retrieval.store import generation_dir, read_jsonl
@@ -230,9 +216,9 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
         reasons[_reason_kind(row["reason"])] = reasons.get(_reason_kind(row["reason"]), 0) + 1
     return IndexReport(
         index=index_dir,
-        indexed=manifest["counts"]["indexed"],
+        indexed=manifest.counts.indexed,
         embedded=embedded,
-        skipped=manifest["counts"]["skipped"],
+        skipped=manifest.counts.skipped,
         seconds=time.perf_counter() - t0,
         device=device,
         backbone=backbone.spec.name,

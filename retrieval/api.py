@@ -94,12 +94,12 @@ class Index:
             return read()
         except IndexFormatError:
             try:
-                now = read_manifest(self.path)["generation"]
+                now = read_manifest(self.path).generation
             except RetrieveError:
                 now = "none"
-            if now != self.manifest["generation"] or _identity(self.dir) != self._opened:
+            if now != self.manifest.generation or _identity(self.dir) != self._opened:
                 raise IndexFormatError(
-                    f"{self.path} was rebuilt since it was opened here ({self.manifest['generation']} -> "
+                    f"{self.path} was rebuilt since it was opened here ({self.manifest.generation} -> "
                     f"{now}); open it again."
                 ) from None
             raise
@@ -134,18 +134,18 @@ class Index:
 
     @property
     def root(self) -> Path:
-        return Path(self.manifest["root"])
+        return Path(self.manifest.root)
 
     @property
     def metric(self) -> str:
-        return self.manifest["metric"]
+        return self.manifest.metric
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        return self.manifest.dim
 
     def __len__(self) -> int:
-        return int(self.manifest["counts"]["indexed"])
+        return self.manifest.counts.indexed
 
     def vectors(self) -> np.ndarray:
         """All vectors, rows in id order (memory-mapped when the index has one shard; read once)."""
@@ -172,7 +172,7 @@ class Index:
 
         if not (self.dir / "index.faiss").exists():
             raise IndexFormatError(f"{self.path} lacks its FAISS index file.")
-        record = self.manifest.get("search_index", {"type": "exact"})
+        record = self.manifest.search_index
         return load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path))
 
     # -- lookups ------------------------------------------------------------------------------
@@ -263,9 +263,8 @@ class Index:
         from retrieval.embed import embed_files, prepare_model
 
         backbone = self.backbone()
-        runtime = resolve_runtime(device, self.manifest.get("dtype", "auto"))
-        # Manifests from before `tta` existed were embedded without it.
-        tta = bool(self.manifest.get("tta", False))
+        runtime = resolve_runtime(device, self.manifest.dtype)
+        tta = self.manifest.tta
         return embed_files(prepare_model(backbone, runtime), runtime, paths, tta=tta, on_bad=on_bad)
 
     def search_paths(
@@ -311,28 +310,27 @@ class Index:
     def backbone(self):  # -> Backbone
         """The backbone the index was built with; refuses weights that differ from the recorded hash."""
         from retrieval.backbones import load_backbone
-        from retrieval.preprocess import Preprocess
 
         m = self.manifest
-        w = m["weights"]
-        if w["kind"] == "pixels":
+        w = m.weights
+        if w.kind == "pixels":
             weights = None
-        elif w["kind"] == "checkpoint":
-            weights = m.get("checkpoint")
+        elif w.kind == "checkpoint":
+            weights = m.checkpoint
             if not weights or not Path(weights).exists():
                 raise RetrieveError(
-                    f"The index was built with checkpoint {w['id']} ({weights}), which is no longer there; "
+                    f"The index was built with checkpoint {w.id} ({weights}), which is no longer there; "
                     "queries must be embedded with the same weights."
                 )
         else:
-            weights = w["kind"]
-        backbone = load_backbone(m["backbone"], weights, m["layer"] or None)
-        if backbone.weights.sha256 != w["sha256"]:
+            weights = w.kind
+        backbone = load_backbone(m.backbone, weights, m.layer or None)
+        if backbone.weights.sha256 != w.sha256:
             raise RetrieveError(
-                f"The weights now loaded for {m['backbone']} (sha256 {backbone.weights.sha256[:12]}) differ "
-                f"from those the index was built with ({w['sha256'][:12]}); re-index or restore the weights."
+                f"The weights now loaded for {m.backbone} (sha256 {backbone.weights.sha256[:12]}) differ "
+                f"from those the index was built with ({w.sha256[:12]}); re-index or restore the weights."
             )
-        if backbone.preprocess != Preprocess.from_dict(m["preprocess"]):
+        if backbone.preprocess != m.preprocess:
             raise RetrieveError("The backbone's preprocessing differs from the one recorded in the index.")
         return backbone
 

@@ -484,8 +484,8 @@ def evaluate_indexes(
         )
         info = {
             "index": str(index.path),
-            "backbone": index.manifest["backbone"],
-            "weights": index.manifest["weights"]["id"],
+            "backbone": index.manifest.backbone,
+            "weights": index.manifest.weights.id,
             "dim": index.dim,
             "metric": index.metric,
         }

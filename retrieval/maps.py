@@ -890,8 +890,8 @@ def build_map(index: Index, config: MapConfig, note: Callable[[str], None] = lam
         "method": METHOD_NAMES[p.method],
         "params": {k_: v for k_, v in asdict(p).items() if k_ != "method"},
         "variance": proj.variance_note,
-        "backbone": m_.get("backbone"),
-        "layer": m_.get("layer"),
+        "backbone": m_.backbone,
+        "layer": m_.layer,
         "dim": index.dim,
         "metric": index.metric,
         "index": str(index.path),
@@ -910,8 +910,7 @@ def build_map(index: Index, config: MapConfig, note: Callable[[str], None] = lam
         distances=dist,
         thumb_size=size,
         total=n,
-        title=config.title
-        or f"{Path(str(index.root)).name}: {METHOD_NAMES[p.method]} map ({m_.get('backbone')})",
+        title=config.title or f"{Path(str(index.root)).name}: {METHOD_NAMES[p.method]} map ({m_.backbone})",
         groups=_groups(item_paths, item_labels, config.color_by),
         info=info,
     )

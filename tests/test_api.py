@@ -119,7 +119,7 @@ def test_tta_index_embeds_the_mean_of_image_and_mirror_and_queries_the_same_way(
     np.testing.assert_allclose(tta, (plain + flipped) / 2, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(tta, tta_flipped, rtol=1e-3, atol=1e-4)
     idx = open_index(tmp_path / "tta")
-    assert idx.manifest["tta"] is True
+    assert idx.manifest.tta is True
     # Queries from disk go through the same mirror averaging: each file finds itself at distance ~0.
     files = [idx.root / p for p in idx.paths[:4]]
     gap = float(((plain - tta) ** 2).sum(1).min())  # how far off a query embedded without it would be

@@ -62,7 +62,7 @@ def test_a_failed_generation_rename_leaves_the_old_index_whole(
     cfg = IndexConfig(images=images, index=tmp_path / "idx", backbone="pixels", workers=0)
     build_index(cfg)
     before = open_index(tmp_path / "idx")
-    old_generation, old_vectors = before.manifest["generation"], np.array(before.vectors())
+    old_generation, old_vectors = before.manifest.generation, np.array(before.vectors())
     (images / "a" / "01.png").unlink()  # the rebuild would hold other vectors
 
     real_replace = os.replace
@@ -78,7 +78,7 @@ def test_a_failed_generation_rename_leaves_the_old_index_whole(
     monkeypatch.setattr(os, "replace", real_replace)
 
     after = open_index(tmp_path / "idx")  # opens: the manifest still names a whole generation
-    assert after.manifest["generation"] == old_generation
+    assert after.manifest.generation == old_generation
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["generation"] == old_generation
     np.testing.assert_array_equal(np.asarray(after.vectors()), old_vectors)
     assert "a/01.png" in after.paths and len(after.skipped()) == 0

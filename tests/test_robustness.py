@@ -160,7 +160,7 @@ def test_an_open_index_outlives_a_rebuild_or_says_to_reopen(tmp_path: Path, samp
     shutil.rmtree(tmp_path / "idx2")
     shutil.rmtree(tmp_path / "imgs" / "ring")
     _pixels(tmp_path / "imgs", tmp_path / "idx2")
-    assert open_index(tmp_path / "idx2").manifest["generation"] == fresh.manifest["generation"]
+    assert open_index(tmp_path / "idx2").manifest.generation == fresh.manifest.generation
     with pytest.raises(IndexFormatError, match="was rebuilt since it was opened here"):
         fresh.vectors()
 

@@ -58,7 +58,7 @@ def test_staging_from_other_settings_is_discarded(tmp_path: Path, samples: Path)
         IndexConfig(images=samples, index=tmp_path / "idx", backbone="pixels", workers=0, shard_rows=8)
     )
     assert report.embedded == report.indexed == 72
-    assert open_index(tmp_path / "idx").manifest["backbone"] == "pixels"
+    assert open_index(tmp_path / "idx").manifest.backbone == "pixels"
 
 
 def test_changed_file_is_re_embedded_and_removed_file_dropped(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_changed_file_is_re_embedded_and_removed_file_dropped(tmp_path: Path) ->
     report = build_index(_cfg(imgs, tmp_path / "idx"))
     idx = open_index(tmp_path / "idx")
     assert report.indexed == 5 and "train/star/0000.png" not in idx.paths
-    assert idx.manifest["generation"] == "gen-000002"
+    assert idx.manifest.generation == "gen-000002"
     assert [p.name for p in (tmp_path / "idx").glob("gen-*")] == ["gen-000002"]
 
 
@@ -115,7 +115,7 @@ def test_killed_process_leaves_previous_index_readable_and_rerun_completes(tmp_p
     proc.wait()
     assert len(list(staging.glob("shard-*.parquet"))) >= 3, "the run ended before it could be killed"
     after_kill = open_index(index)
-    assert len(after_kill) == 8 and after_kill.manifest["generation"] == before.manifest["generation"]
+    assert len(after_kill) == 8 and after_kill.manifest.generation == before.manifest.generation
     np.testing.assert_array_equal(after_kill.vectors(), before.vectors())
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     assert "resuming" in out.stderr

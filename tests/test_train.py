@@ -396,8 +396,8 @@ def test_checkpoint_round_trips_through_index_weights(trained, shapes: Path, tmp
     r = invoke("index", shapes / "test", "--weights", trained.best_checkpoint, "--index", tmp_path / "i")
     assert r.exit_code == 0, r.output
     idx = open_index(tmp_path / "i")
-    assert idx.manifest["backbone"] == "lenet"
-    assert json.dumps(idx.manifest).count("checkpoint") >= 1
+    assert idx.manifest.backbone == "lenet"
+    assert json.dumps(idx.manifest.to_dict()).count("checkpoint") >= 1
 
     # Oracle: the checkpoint's model with the preprocessing written by hand (PIL + numpy).
     from PIL import Image

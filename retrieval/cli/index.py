@@ -217,7 +217,7 @@ def query_cli(
 
 def _print_results(idx, results: list[tuple[str, list]]) -> None:  # idx: retrieval.api.Index
     for q, hits in results:
-        title = f"{esc(q)}  [dim]({idx.manifest['backbone']}, {idx.metric})[/]"
+        title = f"{esc(q)}  [dim]({idx.manifest.backbone}, {idx.metric})[/]"
         table = Table(title=title, title_justify="left")
         for col, just in [("rank", "right"), ("distance", "right"), ("path", "left"), ("label", "left")]:
             table.add_column(col, justify=just)
@@ -244,21 +244,21 @@ def info_cli(
     idx = open_index(index)
     m = idx.manifest
     if as_json:
-        console.print_json(json.dumps({**m, "path": str(idx.path)}))
+        console.print_json(json.dumps({**m.to_dict(), "path": str(idx.path)}))
         return
     table = Table(show_header=False, title=esc(idx.path), title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    w = m["weights"]
+    w = m.weights
     rows = [
-        ("root", m["root"]),
-        ("backbone", f"{m['backbone']}  layer {m['layer'] or '-'}  {m['dim']}-d"),
-        ("weights", f"{w['kind']}: {w['id']}" + (f"  sha256 {w['sha256'][:16]}…" if w["sha256"] else "")),
-        ("preprocess", ", ".join(f"{k}={v}" for k, v in m["preprocess"].items())),
-        ("metric", m["metric"] + ("  (mirror-averaged embeddings: --tta)" if m.get("tta") else "")),
-        ("images", f"{m['counts']['indexed']} indexed, {m['counts']['skipped']} skipped"),
+        ("root", m.root),
+        ("backbone", f"{m.backbone}  layer {m.layer or '-'}  {m.dim}-d"),
+        ("weights", f"{w.kind}: {w.id}" + (f"  sha256 {w.sha256[:16]}…" if w.sha256 else "")),
+        ("preprocess", ", ".join(f"{k}={v}" for k, v in m.preprocess.to_dict().items())),
+        ("metric", m.metric + ("  (mirror-averaged embeddings: --tta)" if m.tta else "")),
+        ("images", f"{m.counts.indexed} indexed, {m.counts.skipped} skipped"),
         ("labels", ", ".join(f"{k} ({v})" for k, v in sorted(Counter(idx.labels).items())[:20])),
-        ("generation", f"{m['generation']}  committed {m['committed']}"),
+        ("generation", f"{m.generation}  committed {m.committed}"),
     ]
     for key, value in rows:
         table.add_row(key, esc(value))

@@ -1,0 +1,44 @@
+"""Atomic writes of the index's data files (npy, parquet, jsonl) and the metadata schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrieval.atomic import atomic_write
+
+METADATA_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("mtime", pa.float64()),
+        ("ctime", pa.float64()),
+    ]
+)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda fh: pq.write_table(table, fh))
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    atomic_write(path, lambda fh: fh.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

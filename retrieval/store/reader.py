@@ -1,0 +1,57 @@
+"""Reading an index directory: its manifest, checked in one place, and its vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import IndexFormatError, IndexNotFoundError
+from retrieval.store.manifest import MANIFEST, Manifest
+from retrieval.store.staging import STAGING
+
+
+def read_manifest(index_dir: str | os.PathLike) -> Manifest:
+    """The checked manifest of `index_dir`, whose live generation holds every file it names."""
+    index_dir = Path(index_dir)
+    path = index_dir / MANIFEST
+    if not path.exists():
+        if (index_dir / STAGING).exists():
+            raise IndexNotFoundError(
+                f"{index_dir} holds an unfinished first run and no index yet; re-run `retrieve index` "
+                "with the same settings to finish it."
+            )
+        raise IndexNotFoundError(f"No index at {index_dir} (no {MANIFEST}). Build one with `retrieve index`.")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexFormatError(f"{path} is not readable JSON: {exc}") from None
+    manifest = Manifest.from_dict(raw, where=str(path), folder=str(index_dir))
+    gen = index_dir / manifest.generation
+    missing = [f for f in ["metadata.parquet", *manifest.vector_files] if not (gen / f).exists()]
+    if missing:
+        raise IndexFormatError(f"{index_dir} is damaged: {gen.name} lacks {', '.join(missing)}.")
+    return manifest
+
+
+def generation_dir(index_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    return Path(index_dir) / manifest.generation
+
+
+def load_vectors(index_dir: str | os.PathLike, manifest: Manifest, mmap: bool = True) -> np.ndarray:
+    """All vectors in id order (one array; memory-mapped shards are concatenated)."""
+    gen = generation_dir(index_dir, manifest)
+    try:
+        parts = [np.load(gen / f, mmap_mode="r" if mmap else None) for f in manifest.vector_files]
+    except (OSError, ValueError, EOFError) as exc:
+        # numpy's ValueError suggests unpickling the file: the wrong advice for a damaged index.
+        why = "not a NumPy array file" if isinstance(exc, ValueError) else str(exc) or type(exc).__name__
+        raise IndexFormatError(f"{index_dir} is damaged: a vector file cannot be read ({why}).") from None
+    dim = manifest.dim
+    if any(p.ndim != 2 or p.shape[1] != dim or p.dtype != np.float32 for p in parts):
+        raise IndexFormatError(f"{index_dir} is damaged: a vector file is not float32 rows of {dim}.")
+    if not parts:
+        return np.zeros((0, dim), np.float32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
