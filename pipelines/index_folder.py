@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from pipelines.runner import StageTimer
 from retrieval.config import IndexConfig
 from retrieval.errors import EmptyInputError, RetrieveError
 from retrieval.paths import user_path
+
+if TYPE_CHECKING:
+    from retrieval.images import Decoder, IsolationPolicy
 
 ENGINES = ("local",)
 
@@ -60,10 +64,17 @@ def _is_index_or_empty(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "lost+found"]
 
 
-def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexReport:
+def build_index(
+    config: IndexConfig,
+    progress: Progress | None = None,
+    *,
+    decoder: Decoder | None = None,
+    policy: IsolationPolicy | None = None,
+) -> IndexReport:
     """Index every image below `config.images` into `config.index`; resumes an interrupted run.
 
     One run per index folder at a time: a second one fails at once (see `store.writer_lock`).
+    `decoder` and `policy` go to `decode_all` (default: PIL, and its usual limits).
     """
     from retrieval.index import check_metric
     from retrieval.store import writer_lock
@@ -83,16 +94,30 @@ def build_index(config: IndexConfig, progress: Progress | None = None) -> IndexR
         )
     progress = progress or Progress()
     with writer_lock(index_dir, warn=progress.warn):
-        return _build_index(config, root, index_dir, progress)
+        return _build_index(config, root, index_dir, progress, decoder, policy)
 
 
-def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Progress | None) -> IndexReport:
+def _build_index(
+    config: IndexConfig,
+    root: Path,
+    index_dir: Path,
+    progress: Progress | None,
+    decoder: Decoder | None = None,
+    policy: IsolationPolicy | None = None,
+) -> IndexReport:
     from retrieval import __version__
     from retrieval.backbones import load_backbone
-    from retrieval.decoding import Batch, decode_all
     from retrieval.device import resolve_runtime
     from retrieval.embed import default_batch_size, default_workers, forward, prepare_model
-    from retrieval.images import IMAGE_EXTENSIONS, Transform, scan
+    from retrieval.images import (
+        IMAGE_EXTENSIONS,
+        Batch,
+        IsolationPolicy,
+        PILDecoder,
+        Transform,
+        decode_all,
+        scan,
+    )
     from retrieval.store import Manifest, Staging, WeightsRecord, commit
 
     progress = progress or Progress()
@@ -193,6 +218,8 @@ def _build_index(config: IndexConfig, root: Path, index_dir: Path, progress: Pro
                 consume,
                 wrap=lambda stream: timer.timed("read", stream),
                 warn=progress.warn,
+                decoder=PILDecoder() if decoder is None else decoder,
+                policy=IsolationPolicy() if policy is None else policy,
             )
         finally:
             # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.

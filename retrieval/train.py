@@ -26,7 +26,7 @@ from retrieval.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from retrieval.config import known_keys
 from retrieval.device import Runtime, resolve_runtime
 from retrieval.errors import BadImageError, CheckpointError, EmptyInputError, RetrieveError, first_line
-from retrieval.images import Transform, load_tensor, scan
+from retrieval.images import Decoder, PILDecoder, Transform, load_tensor, scan
 from retrieval.paths import user_path
 from retrieval.preprocess import Preprocess
 
@@ -362,7 +362,7 @@ PROCESS_DECODE_MIN = 512
 
 
 def decode_to_memory(
-    paths: Sequence[Path], transform: Transform, workers: int
+    paths: Sequence[Path], transform: Transform, workers: int, *, decoder: Decoder | None = None
 ) -> tuple[torch.Tensor, np.ndarray, list[tuple[int, str]]]:
     """Decode every file once into uint8 [N, C, S, S] (S = transform's size).
 
@@ -370,15 +370,15 @@ def decode_to_memory(
     ok=False. Small images cost ~300 us each, mostly Python in PIL's open path under the GIL, so
     threads do not scale: large sets are decoded by worker processes (60k CIFAR JPEGs took ~40 s
     with 16 threads on a 16-core machine), where a file that crashes the decoder is skipped too
-    (`retrieval.decoding.decode_all`).
+    (`retrieval.images.decode_all`).
     """
+    decoder = decoder or PILDecoder()
     pre = transform.pre
     out = torch.zeros(len(paths), pre.channels, pre.size, pre.size, dtype=torch.uint8)
     ok = np.ones(len(paths), dtype=bool)
     problems: dict[int, str] = {}
     if workers >= 2 and len(paths) >= PROCESS_DECODE_MIN:
-        from retrieval.decoding import Batch, decode_all
-        from retrieval.images import ImageFileEntry
+        from retrieval.images import Batch, ImageFileEntry, decode_all
 
         # Each file's position stands in for its relative path: the rows say where it goes.
         entries = [ImageFileEntry(Path(p), str(i), "", 0, 0.0) for i, p in enumerate(paths)]
@@ -391,12 +391,12 @@ def decode_to_memory(
                 problems[int(row["path"])] = row["reason"]
 
         batch = max(64, min(1024, len(paths) // (4 * workers)))
-        decode_all(entries, transform, batch, workers, consume)
+        decode_all(entries, transform, batch, workers, consume, decoder=decoder)
         return out, ok, sorted(problems.items())
 
     def one(i: int) -> None:
         try:
-            out[i] = load_tensor(paths[i], transform)[0]
+            out[i] = decoder.decode(paths[i], transform)[0]
         except BadImageError as exc:
             ok[i] = False
             problems[i] = str(exc)

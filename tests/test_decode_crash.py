@@ -3,57 +3,66 @@ and finishes, instead of dying there on every re-run."""
 
 from __future__ import annotations
 
-import multiprocessing
+import functools
 import multiprocessing.util
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import retrieval.decoding
+import pipelines.index_folder
 from pipelines.index_folder import Progress, build_index
 from retrieval.api import open_index
 from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.errors import BadImageError, RetrieveError
+from retrieval.images import IsolationPolicy, PILDecoder, Transform
 
-# The crash is simulated by patching the decoder in this process; only forked loader processes
-# inherit the patch (under spawn or forkserver they would import the real one).
+# decode_all forks its processes on Linux only; elsewhere each one imports torch again (seconds
+# per restart), too slow for a test that makes a process die file after file.
 pytestmark = pytest.mark.skipif(
-    multiprocessing.get_start_method() != "fork",
-    reason="the simulated crash reaches loader processes by fork",
+    not sys.platform.startswith("linux"), reason="decode_all forks its decoding processes on Linux only"
 )
 
-real_load_tensor = retrieval.decoding.load_tensor
+# The limits of the hang test: a stall is found in seconds, not minutes.
+QUICK = IsolationPolicy(stall_min_s=2.0, stall_per_file_s=0.25, poll_s=0.5, file_timeout_s=1.0)
 
 
-def _hostile_decoder(marker: Path | None = None, log: Path | None = None):
-    """load_tensor, except that a file named boom* segfaults the loader process decoding it (and
+@dataclass(frozen=True)
+class _Hostile:
+    """PILDecoder, except that a file named boom* segfaults the loader process decoding it (and
     leaves a file in `log` for each crash).
 
     With `marker`, the first file decoded in a loader process kills it once, whatever it is (a
     process lost to something other than a file: the OOM killer, say), and nothing after that.
+    A module-level dataclass: it reaches the decoding processes by fork, and would by pickle.
     """
 
-    test_process = os.getpid()
+    marker: Path | None = None
+    log: Path | None = None
+    test_process: int = field(default_factory=os.getpid)
+    name: str = "hostile"
 
-    def load_tensor(path, transform):
-        in_loader = os.getpid() != test_process  # a DataLoader worker or an isolation process
-        if marker is not None and in_loader and not marker.exists():
-            marker.touch()
+    def decode(self, path: str | os.PathLike, transform: Transform) -> tuple[torch.Tensor, int, int]:
+        in_loader = os.getpid() != self.test_process  # a DataLoader worker or an isolation process
+        if self.marker is not None and in_loader and not self.marker.exists():
+            self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-        if marker is None and Path(path).name.startswith("boom"):
+        if self.marker is None and Path(path).name.startswith("boom"):
             if not in_loader:  # never take the test process down
                 raise BadImageError("would have crashed this process")
-            if log is not None:
-                (log / f"{Path(path).name}.{os.getpid()}").touch()
+            if self.log is not None:
+                (self.log / f"{Path(path).name}.{os.getpid()}").touch()
             os.kill(os.getpid(), signal.SIGSEGV)
         if Path(path).name.startswith("hang") and in_loader:
             once = Path(path).with_suffix(".hung")
@@ -62,9 +71,38 @@ def _hostile_decoder(marker: Path | None = None, log: Path | None = None):
                 time.sleep(3600)  # a decoder stuck in a loop (hangonce*: only the first time)
         if Path(path).name.startswith("oops") and in_loader:
             raise KeyError("a bug in decoding, not a bad file")
-        return real_load_tensor(path, transform)
+        return PILDecoder().decode(path, transform)
 
-    return load_tensor
+
+@dataclass(frozen=True)
+class _OOMKilled:
+    """PILDecoder, except that every decoding process is killed at its first file."""
+
+    test_process: int = field(default_factory=os.getpid)
+    name: str = "oom-killed"
+
+    def decode(self, path: str | os.PathLike, transform: Transform) -> tuple[torch.Tensor, int, int]:
+        if os.getpid() != self.test_process:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does, file after file
+        return PILDecoder().decode(path, transform)
+
+
+@dataclass(frozen=True)
+class _KilledOnceEach:
+    """PILDecoder, except that the process decoding one of `names` is killed, once per name
+    (a `killed-<name>` file in `marks` remembers it)."""
+
+    marks: Path
+    names: frozenset[str]
+    test_process: int = field(default_factory=os.getpid)
+    name: str = "killed-once-each"
+
+    def decode(self, path: str | os.PathLike, transform: Transform) -> tuple[torch.Tensor, int, int]:
+        mark = self.marks / f"killed-{Path(path).name}"
+        if os.getpid() != self.test_process and Path(path).name in self.names and not mark.exists():
+            mark.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return PILDecoder().decode(path, transform)
 
 
 def _folder(root: Path, n: int = 23) -> Path:
@@ -85,26 +123,31 @@ class _Warnings(Progress):
         self.warnings.append(message)
 
 
-def _pixels(images: Path, index: Path, progress: Progress | None = None, **kw):
-    return build_index(IndexConfig(images=images, index=index, backbone="pixels", **kw), progress)
+def _pixels(
+    images: Path,
+    index: Path,
+    progress: Progress | None = None,
+    decoder: _Hostile | _OOMKilled | _KilledOnceEach | None = None,
+    policy: IsolationPolicy | None = None,
+    **kw,
+):
+    config = IndexConfig(images=images, index=index, backbone="pixels", **kw)
+    return build_index(config, progress, decoder=decoder, policy=policy)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_files_that_crash_the_decoder_are_skipped_and_the_rest_indexed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
-) -> None:
+def test_files_that_crash_the_decoder_are_skipped_and_the_rest_indexed(tmp_path: Path, workers: int) -> None:
     clean = _folder(tmp_path / "clean")
     _pixels(clean, tmp_path / "oracle", workers=0)
     hostile = tmp_path / "hostile"
     shutil.copytree(clean, hostile)
-    # Valid PNGs: only the patched decoder makes them crash. One early, one late in the scan order.
+    # Valid PNGs: only the hostile decoder makes them crash. One early, one late in the scan order.
     shutil.copy(clean / "c0" / "00.png", hostile / "c0" / "boom-early.png")
     shutil.copy(clean / "c1" / "21.png", hostile / "c1" / "zz-late.png")
     shutil.copy(clean / "c1" / "21.png", hostile / "c1" / "boom-late.png")
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
 
     progress = _Warnings()
-    report = _pixels(hostile, tmp_path / "idx", progress, workers=workers, batch_size=4)
+    report = _pixels(hostile, tmp_path / "idx", progress, _Hostile(), workers=workers, batch_size=4)
 
     got, want = open_index(tmp_path / "idx"), open_index(tmp_path / "oracle")
     assert sorted(r["path"] for r in got.skipped()) == ["c0/boom-early.png", "c1/boom-late.png"]
@@ -132,22 +175,20 @@ class _StopAfter(_Warnings):
             raise KeyboardInterrupt
 
 
-def test_a_resumed_run_tries_a_crashed_file_again_and_finishes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_resumed_run_tries_a_crashed_file_again_and_finishes(tmp_path: Path) -> None:
     images = _folder(tmp_path / "imgs")
     shutil.copy(images / "c0" / "00.png", images / "c0" / "boom-a.png")  # 13th of 25 in scan order
     shutil.copy(images / "c1" / "01.png", images / "c1" / "boom-b.png")  # 25th
     (tmp_path / "log").mkdir()
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder(log=tmp_path / "log"))
+    hostile = _Hostile(log=tmp_path / "log")
     cfg = dict(workers=2, batch_size=4, shard_rows=4)
     first = _StopAfter(16)
     with pytest.raises(KeyboardInterrupt):
-        _pixels(images, tmp_path / "idx", first, **cfg)
+        _pixels(images, tmp_path / "idx", first, hostile, **cfg)
     crashes = lambda name: sum(p.name.startswith(name + ".") for p in (tmp_path / "log").iterdir())  # noqa: E731
     a_crashes = crashes("boom-a")
     assert len(first.warnings) == 1 and a_crashes >= 1
-    report = _pixels(images, tmp_path / "idx", **cfg)
+    report = _pixels(images, tmp_path / "idx", decoder=hostile, **cfg)
     # A crash is not taken as settled (the machine may have been at fault): boom-a is decoded again.
     assert crashes("boom-a") > a_crashes
     assert report.indexed == 23 and report.embedded < 23  # the rest of the first run was kept
@@ -157,34 +198,21 @@ def test_a_resumed_run_tries_a_crashed_file_again_and_finishes(
     ]
 
 
-def test_processes_killed_by_the_machine_stop_the_run_and_blame_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_processes_killed_by_the_machine_stop_the_run_and_blame_no_file(tmp_path: Path) -> None:
     images = _folder(tmp_path / "imgs", n=8)
-    test_process = os.getpid()
-
-    def oom_killed(path, transform):
-        if os.getpid() != test_process:
-            os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does, file after file
-        return real_load_tensor(path, transform)
-
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", oom_killed)
     with pytest.raises(
         RetrieveError, match=r"SIGKILL\), which is not a decoder crash.*run the command again"
     ):
-        _pixels(images, tmp_path / "idx", workers=1, batch_size=4)
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", real_load_tensor)
-    report = _pixels(images, tmp_path / "idx", workers=1, batch_size=4)
+        _pixels(images, tmp_path / "idx", decoder=_OOMKilled(), workers=1, batch_size=4)
+    report = _pixels(images, tmp_path / "idx", workers=1, batch_size=4)  # the default decoder
     assert report.indexed == 8 and report.skipped == 0
 
 
-def test_a_loader_process_lost_to_no_file_costs_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_loader_process_lost_to_no_file_costs_no_file(tmp_path: Path) -> None:
     images = _folder(tmp_path / "imgs")
     _pixels(images, tmp_path / "oracle", workers=0)
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder(marker=tmp_path / "killed-once"))
-    report = _pixels(images, tmp_path / "idx", workers=2, batch_size=4)
+    killed_once = _Hostile(marker=tmp_path / "killed-once")
+    report = _pixels(images, tmp_path / "idx", decoder=killed_once, workers=2, batch_size=4)
     assert (tmp_path / "killed-once").exists()  # a loader process really died
     assert report.skipped == 0 and report.indexed == 23
     np.testing.assert_array_equal(
@@ -197,7 +225,10 @@ def test_the_cli_reports_a_decoder_crash_as_a_warning_and_a_skip(
 ) -> None:
     images = _folder(tmp_path / "imgs", n=30)
     shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")  # 16th: after batches were sent
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
+    # The CLI has no decoder option: the job it runs is handed the hostile decoder.
+    monkeypatch.setattr(
+        pipelines.index_folder, "build_index", functools.partial(build_index, decoder=_Hostile())
+    )
     pymp = lambda: set(Path(tempfile.gettempdir()).glob("pymp-*"))  # noqa: E731
     before = pymp()
     r = CliRunner().invoke(
@@ -226,10 +257,7 @@ def test_the_cli_reports_a_decoder_crash_as_a_warning_and_a_skip(
 def test_training_data_decoded_in_processes_skips_a_crashing_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torch
-
     import retrieval.train as train_mod
-    from retrieval.images import Transform
     from retrieval.preprocess import Preprocess
 
     images = _folder(tmp_path / "imgs", n=12)
@@ -237,9 +265,8 @@ def test_training_data_decoded_in_processes_skips_a_crashing_file(
     paths = sorted(images.rglob("*.png"))
     transform = Transform(Preprocess(size=16, resize=16))
     want, _, _ = train_mod.decode_to_memory(paths, transform, 1)  # threads, in this process: no crash
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
     monkeypatch.setattr(train_mod, "PROCESS_DECODE_MIN", 1)
-    got, ok, problems = train_mod.decode_to_memory(paths, transform, 2)
+    got, ok, problems = train_mod.decode_to_memory(paths, transform, 2, decoder=_Hostile())
     boom = paths.index(images / "c0" / "boom.png")
     assert [i for i, _ in problems] == [boom] and "crashed the image decoder" in problems[0][1]
     assert ok.tolist() == [i != boom for i in range(len(paths))]
@@ -247,18 +274,12 @@ def test_training_data_decoded_in_processes_skips_a_crashing_file(
     assert torch.equal(got[keep], want[keep])
 
 
-def test_a_file_that_hangs_the_decoder_is_skipped_after_a_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_file_that_hangs_the_decoder_is_skipped_after_a_deadline(tmp_path: Path) -> None:
     images = _folder(tmp_path / "imgs", n=10)
     shutil.copy(images / "c0" / "00.png", images / "c0" / "hang.png")
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
-    monkeypatch.setattr(retrieval.decoding, "STALL_MIN_S", 2.0)
-    monkeypatch.setattr(retrieval.decoding, "STALL_PER_FILE_S", 0.25)  # x batch 4: under the minimum
-    monkeypatch.setattr(retrieval.decoding, "POLL_S", 0.5)
-    monkeypatch.setattr(retrieval.decoding, "FILE_TIMEOUT_S", 1.0)
+    assert QUICK.stall_per_file_s * 4 < QUICK.stall_min_s  # x batch 4: under the minimum
     progress = _Warnings()
-    report = _pixels(images, tmp_path / "idx", progress, workers=1, batch_size=4)
+    report = _pixels(images, tmp_path / "idx", progress, _Hostile(), QUICK, workers=1, batch_size=4)
     assert report.indexed == 10 and "stalled (no batch in 2 s)" in progress.warnings[0]
     [row] = open_index(tmp_path / "idx").skipped()
     assert row["path"] == "c0/hang.png" and row["reason"] == "hung the image decoder (no result in 1 s)"
@@ -267,70 +288,51 @@ def test_a_file_that_hangs_the_decoder_is_skipped_after_a_deadline(
     again = _folder(tmp_path / "again", n=10)
     shutil.copy(again / "c0" / "00.png", again / "c0" / "boom.png")  # sends the window to isolation
     shutil.copy(again / "c0" / "00.png", again / "c0" / "hangonce.png")
-    report = _pixels(again, tmp_path / "idx2", workers=1, batch_size=4)
+    report = _pixels(again, tmp_path / "idx2", decoder=_Hostile(), policy=QUICK, workers=1, batch_size=4)
     assert (again / "c0" / "hangonce.hung").exists()  # it did hang once
     assert report.indexed == 11 and [r["path"] for r in open_index(tmp_path / "idx2").skipped()] == [
         "c0/boom.png"
     ]
 
 
-def test_a_decoder_crashing_file_after_file_stops_the_run_and_kills_blame_per_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_decoder_crashing_file_after_file_stops_the_run_and_kills_blame_per_file(tmp_path: Path) -> None:
     images = _folder(tmp_path / "imgs", n=1)
     for i in range(12):
         shutil.copy(images / "c0" / "00.png", images / "c0" / f"boom{i:02d}.png")
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
-    monkeypatch.setattr(retrieval.decoding, "MAX_CRASHES_IN_A_ROW", 8)
+    eight = IsolationPolicy(max_crashes_in_a_row=8)
     # Windows of batch x (prefetch x workers + 1) = 5 files: the streak must carry across them.
     with pytest.raises(RetrieveError, match=r"crashed on 8 files in a row.*look broken"):
-        _pixels(images, tmp_path / "idx", workers=1, batch_size=1)
+        _pixels(images, tmp_path / "idx", decoder=_Hostile(), policy=eight, workers=1, batch_size=1)
     assert not (tmp_path / "idx" / "manifest.json").exists()
 
     # Files each killed once (not crashes) are retries, not one file killed twice: the loader
     # meets 02 first, then isolation meets 04 and 01 in one range (scan order 00 02 04 01 03 05).
     other = _folder(tmp_path / "other", n=6)
-    test_process = os.getpid()
-
-    def killed_once_each(path, transform):
-        mark = tmp_path / f"killed-{Path(path).name}"
-        if (
-            os.getpid() != test_process
-            and Path(path).name in {"02.png", "04.png", "01.png"}
-            and not mark.exists()
-        ):
-            mark.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_load_tensor(path, transform)
-
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", killed_once_each)
-    report = _pixels(other, tmp_path / "idx2", workers=1, batch_size=4)
+    killed_once_each = _KilledOnceEach(tmp_path, frozenset({"02.png", "04.png", "01.png"}))
+    report = _pixels(
+        other, tmp_path / "idx2", decoder=killed_once_each, policy=eight, workers=1, batch_size=4
+    )
     assert report.indexed == 6 and report.skipped == 0 and len(list(tmp_path.glob("killed-*"))) == 3
 
 
-def test_a_bug_while_decoding_in_isolation_is_one_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_bug_while_decoding_in_isolation_is_one_clear_error(tmp_path: Path) -> None:
     images = _folder(tmp_path / "imgs", n=6)
     shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")
     shutil.copy(images / "c0" / "00.png", images / "c0" / "oops.png")  # in boom's window
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
     with pytest.raises(RetrieveError, match=r"oops.png failed: KeyError"):
-        _pixels(images, tmp_path / "idx", workers=1, batch_size=8)
+        _pixels(images, tmp_path / "idx", decoder=_Hostile(), workers=1, batch_size=8)
 
 
-def test_viz_over_a_folder_skips_a_file_that_crashes_the_decoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_viz_over_a_folder_skips_a_file_that_crashes_the_decoder(tmp_path: Path) -> None:
     from retrieval.visualise import SaliencyConfig, load_model, saliency_folder, top_patches
 
     images = _folder(tmp_path / "imgs", n=12)
     shutil.copy(images / "c0" / "00.png", images / "c0" / "boom.png")
-    monkeypatch.setattr(retrieval.decoding, "load_tensor", _hostile_decoder())
     vm = load_model("lenet", "none")
-    run = saliency_folder(vm, images, tmp_path / "sal", SaliencyConfig(method="vanilla", batch_size=4))
+    config = SaliencyConfig(method="vanilla", batch_size=4)
+    run = saliency_folder(vm, images, tmp_path / "sal", config, decoder=_Hostile())
     assert run.images == 12 and [rel for rel, _ in run.skipped] == ["c0/boom.png"]
     assert "crashed the image decoder" in run.skipped[0][1]
     assert len(list((tmp_path / "sal").rglob("*.png"))) == 12
-    patches = top_patches(vm, images, "conv1", channel=0, n=3, batch_size=4, device="cpu")
+    patches = top_patches(vm, images, "conv1", channel=0, n=3, batch_size=4, device="cpu", decoder=_Hostile())
     assert patches.images == 12 and [rel for rel, _ in patches.skipped] == ["c0/boom.png"]

@@ -13,7 +13,7 @@ from torch import nn
 
 from retrieval.device import resolve_runtime
 from retrieval.errors import RetrieveError
-from retrieval.images import Transform
+from retrieval.images import Decoder, PILDecoder, Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, conv_module, frozen_copy
 from retrieval.visualise.source import (
@@ -151,9 +151,12 @@ def top_patches(
     n: int = 10,
     batch_size: int = 32,
     device: str = "auto",
+    *,
+    decoder: Decoder = PILDecoder(),
 ) -> TopPatches:
     """The `n` images whose strongest response in `channel` of `layer` is highest, cropped to that unit's
-    receptive field. A heap of `n` keeps memory constant over any number of images.
+    receptive field. A heap of `n` keeps memory constant over any number of images; `decoder`
+    decodes each file (default: PIL).
     """
     if n < 1:
         raise RetrieveError("--n must be at least 1")
@@ -190,7 +193,7 @@ def top_patches(
             elif item[0] > heap[0][0]:
                 heapq.heapreplace(heap, item)
 
-    decode_batches(entries, transform, batch_size, consume)
+    decode_batches(entries, transform, batch_size, consume, decoder=decoder)
     if not heap:
         raise nothing_decoded(path, len(entries), skipped)
     best = sorted(heap, key=lambda t: (-t[0], t[1]))

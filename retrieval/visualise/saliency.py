@@ -15,7 +15,7 @@ from torch import nn
 
 from retrieval.device import Runtime, resolve_runtime
 from retrieval.errors import RetrieveError, UnknownNameError
-from retrieval.images import ImageFileEntry, Transform
+from retrieval.images import Decoder, ImageFileEntry, PILDecoder, Transform
 from retrieval.visualise import render
 from retrieval.visualise.probe import Probe, Target, frozen_copy, target_scores
 from retrieval.visualise.source import Batch, VizModel, decode_batches, list_images, nothing_decoded
@@ -246,12 +246,14 @@ def saliency_folder(
     out: str | os.PathLike,
     config: SaliencyConfig = SaliencyConfig(),
     progress: Callable[[int, int], None] | None = None,
+    *,
+    decoder: Decoder = PILDecoder(),
 ) -> SaliencyRun:
     """Saliency for one image or every image below a folder: `out/<relpath>.png` panels and `out/report.html`.
 
     Images go through in batches; each batch's results are written and dropped before the next
     one, and the report is streamed to disk, so memory does not grow with the number of images.
-    `progress(done, total)` is called after each batch.
+    `progress(done, total)` is called after each batch; `decoder` decodes each file (default: PIL).
     """
     entries, problems = list_images(path)
     out = Path(out)
@@ -281,7 +283,7 @@ def saliency_folder(
             if progress is not None:
                 progress(done + len(skipped), len(entries))
 
-        decode_batches(entries, transform, config.batch_size, consume)
+        decode_batches(entries, transform, config.batch_size, consume, decoder=decoder)
         if done == 0:  # raised inside: the half-written report is removed, not renamed into place
             raise nothing_decoded(path, len(entries), skipped)
         for rel, reason in skipped:

@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from retrieval.errors import BadImageError, EmptyInputError, RetrieveError
-from retrieval.images import IMAGE_EXTENSIONS, ImageFileEntry, Transform, load_tensor, scan
+from retrieval.images import (
+    IMAGE_EXTENSIONS,
+    Decoder,
+    ImageFileEntry,
+    PILDecoder,
+    Transform,
+    decode_all,
+    load_tensor,
+    scan,
+)
+from retrieval.images import Batch as DecodedBatch
 from retrieval.paths import user_path
 from retrieval.preprocess import Preprocess
 
@@ -86,23 +96,26 @@ class Batch:
 
 
 def decode_batches(
-    entries: list[ImageFileEntry], transform: Transform, batch_size: int, consume: Callable[[Batch], None]
+    entries: list[ImageFileEntry],
+    transform: Transform,
+    batch_size: int,
+    consume: Callable[[Batch], None],
+    *,
+    decoder: Decoder = PILDecoder(),
 ) -> None:
     """Hand `consume` the entries decoded, in order, in batches of up to `batch_size` files.
 
     A folder is decoded ahead in a loader process, where a file that crashes the C decoder is
-    skipped with the reason instead of killing the run (`retrieval.decoding.decode_all`); one batch
+    skipped with the reason instead of killing the run (`retrieval.images.decode_all`); one batch
     or less is decoded here. A batch the loader hands over again after an interruption
-    (`decode_all` explains when) is consumed once.
+    (`decode_all` explains when) is consumed once. `decoder` decodes each file (default: PIL).
     """
-    from retrieval import decoding
-
     if batch_size < 1:
         raise RetrieveError("batch size must be at least 1")
     by_path = {e.relpath: e for e in entries}
     consumed: set[int] = set()
 
-    def take(b: decoding.Batch) -> None:
+    def take(b: DecodedBatch) -> None:
         if b.start in consumed:
             return
         pixels = b.images if b.rows else torch.empty(0, dtype=torch.uint8)
@@ -112,7 +125,7 @@ def decode_batches(
         consumed.add(b.start)
 
     workers = 1 if len(entries) > batch_size else 0
-    decoding.decode_all(entries, transform, batch_size, workers, take)
+    decode_all(entries, transform, batch_size, workers, take, decoder=decoder)
 
 
 def load_image(path: str | os.PathLike, preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:

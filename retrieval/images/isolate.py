@@ -1,182 +1,33 @@
-"""Decoding image files in worker processes, where a file that crashes the decoder costs only itself."""
+"""Crash-isolated decoding: `decode_all`, where a file that crashes the decoder costs only itself."""
 
 from __future__ import annotations
 
-import faulthandler
-import gc
-import multiprocessing
 import multiprocessing.connection
-import multiprocessing.util
 import pickle
 import signal
-import sys
 import time
-import traceback
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from retrieval import errors
-from retrieval.errors import BadImageError, RetrieveError
-from retrieval.images import ImageFileEntry, Transform, load_tensor
-
-# Batches each loader process decodes ahead of the consumer.
-PREFETCH = 4
-# What a C decoder's crash looks like from outside (a damaged file in libjpeg, libpng, libtiff,
-# libwebp). A process killed otherwise (SIGKILL from the OOM killer, an exit) says nothing about
-# the file it held, so no file is blamed for it.
-CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT})
-# This many crashes in a row is the machine's decoder, not the files: stop rather than skip them all.
-MAX_CRASHES_IN_A_ROW = 32
-# A file whose process is killed this many times by something other than a crash stops the run.
-MAX_UNEXPLAINED_DEATHS = 2
-# No batch from the loader for this long, per file in a batch (at least STALL_MIN_S): a decoder is
-# stuck in a loop, and isolation finds the file. A batch is one process's work, file after file.
-STALL_PER_FILE_S = 5.0
-STALL_MIN_S = 120.0
-# DataLoader checks for dead processes only between timed waits for a batch: wait in short ones.
-POLL_S = 5.0
-# No result for one file for this long, twice, in isolation: that file hangs the decoder and is skipped.
-FILE_TIMEOUT_S = 60.0
-
-
-@dataclass
-class Batch:
-    """Decoded images of consecutive files, their metadata, and the files that failed."""
-
-    images: torch.Tensor  # uint8 [B, C, H, W]
-    rows: list[dict[str, Any]]
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    start: int = 0  # position of its first file in what decode_all was given
-
-    @property
-    def count(self) -> int:
-        return len(self.rows) + len(self.skipped)
-
-
-def file_row(e: ImageFileEntry) -> dict[str, Any]:
-    """The metadata every row has, read or skipped: what the resume key compares."""
-    return {"path": e.relpath, "label": e.label, "bytes": e.size, "mtime": e.mtime, "ctime": e.ctime}
-
-
-class ImageDataset(Dataset):
-    """Decode + resize files in loader workers; a failure becomes a ledger entry, not an exception."""
-
-    def __init__(self, entries: Sequence[ImageFileEntry], transform: Transform) -> None:
-        self.entries, self.transform = entries, transform
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, dict[str, Any]]:
-        e = self.entries[i]
-        row = file_row(e)
-        try:
-            tensor, width, height = load_tensor(e.path, self.transform)
-        except BadImageError as exc:
-            return None, {**row, "reason": str(exc)}
-        return tensor, {**row, "width": width, "height": height}
-
-
-def collate(items: list[tuple[torch.Tensor | None, dict[str, Any]]]) -> Batch:
-    good = [(t, r) for t, r in items if t is not None]
-    skipped = [r for t, r in items if t is None]
-    images = torch.stack([t for t, _ in good]) if good else torch.zeros(0, dtype=torch.uint8)
-    return Batch(images, [r for _, r in good], skipped)
-
-
-def _child_setup(_worker_id: int = 0) -> None:
-    """Run first in every decoding process (DataLoader's worker_init_fn, and the isolation child)."""
-    # What the parent had left for its garbage collector is the parent's to finalise: collected
-    # here, a dropped temporary file was deleted a second time, with a warning per process.
-    gc.freeze()
-    # DataLoader's own handlers (and faulthandler, when the parent enabled it) print a report before
-    # the process dies; decode_all reports the crash itself, by file, so the process dies plainly.
-    faulthandler.disable()
-    for sig in CRASH_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    sys.excepthook = _quiet_abandoned_transfers
-
-
-def _quiet_abandoned_transfers(
-    exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None
-) -> None:
-    """A batch the parent stopped fetching (it saw another process die) leaves multiprocessing's
-    fd-passing thread with a reset connection, which it reports through sys.excepthook: expected."""
-    abandoned = issubclass(exc_type, ConnectionError | EOFError) and any(
-        frame.filename.endswith("resource_sharer.py") for frame in traceback.extract_tb(tb)
-    )
-    if not abandoned:
-        sys.__excepthook__(exc_type, exc, tb)
-
-
-def _context() -> Any:
-    """fork where it is safe (Linux): a decoding process then starts in milliseconds. Under spawn or
-    forkserver (Python 3.14's default) each one imports torch again, seconds per restart, which
-    made a folder with ten crashing files take minutes instead of seconds."""
-    if sys.platform.startswith("linux"):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
-
-
-def _before_fork() -> None:
-    # Garbage the parent still holds (a dropped temporary file, a stopped loader's pipes) is
-    # finalised here, once, instead of once per child with a warning each. Called once per loader
-    # start and once per recovery: a collection takes ~0.5 s in a process holding a million files.
-    gc.collect()
-    # Children share the parent's multiprocessing temp folder (fd-passing sockets) when it exists
-    # first; a child that made its own and then died left it behind in /tmp.
-    multiprocessing.util.get_temp_dir()
-
-
-def _loader(
-    entries: Sequence[ImageFileEntry], transform: Transform, batch_size: int, workers: int
-) -> DataLoader:
-    return DataLoader(
-        ImageDataset(entries, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate,
-        # No pin_memory: torch's pinning thread cannot pin a Batch (it has no pin_memory method, so
-        # nothing was ever pinned), and a process dying mid-transfer hung that thread's shutdown.
-        prefetch_factor=PREFETCH if workers else None,
-        persistent_workers=False,
-        worker_init_fn=_child_setup if workers else None,
-        multiprocessing_context=_context() if workers else None,
-        # Short waits, retried by _patient up to the stall limit (see POLL_S).
-        timeout=POLL_S if workers else 0,
-    )
-
-
-class _Stalled(RuntimeError):
-    """No batch from the loader within its stall limit."""
-
-
-def _patient(it: Any, limit: float) -> Iterator[Batch]:
-    """Batches from a loader iterator, waiting up to `limit` seconds for each in POLL_S steps.
-
-    A file that makes a decoder loop forever would otherwise hold the run for good: past the limit
-    the loader counts as stalled and isolation finds the file (FILE_TIMEOUT_S).
-    """
-    while True:
-        waiting = time.monotonic()
-        while True:
-            try:
-                batch = next(it)
-                break
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                if not str(exc).startswith("DataLoader timed out"):
-                    raise
-                if time.monotonic() - waiting >= limit:
-                    raise _Stalled(f"stalled (no batch in {limit:g} s)") from None
-        yield batch
+from retrieval.errors import RetrieveError, first_line
+from retrieval.images.decode import Decoder, PILDecoder, Transform
+from retrieval.images.loader import (
+    CRASH_SIGNALS,
+    Batch,
+    ImageDataset,
+    _before_fork,
+    _child_setup,
+    _context,
+    _loader,
+    _patient,
+    _Stalled,
+    file_row,
+)
+from retrieval.images.policy import IsolationPolicy
+from retrieval.images.scan import ImageFileEntry
 
 
 def decode_all(
@@ -188,6 +39,8 @@ def decode_all(
     *,
     wrap: Callable[[Iterator[Batch]], Iterator[Batch]] = lambda it: it,
     warn: Callable[[str], None] = lambda message: None,
+    decoder: Decoder = PILDecoder(),
+    policy: IsolationPolicy = IsolationPolicy(),
 ) -> None:
     """Hand every file to `consume` in order, in batches; a file that crashes the decoder is skipped.
 
@@ -202,14 +55,15 @@ def decode_all(
     anywhere in the main thread, inside `consume` too. So `consume` may be handed a batch again
     after an interruption part-way (`Batch.start` tells a repeat), and must tolerate that.
     `wrap` sees the batch iterator (to time it). `workers=0` decodes in this process: no protection.
+    `decoder` decodes each file, in the loader and isolation processes; `policy` holds the limits.
     """
     pos = 0
-    streak = _Streak()
-    stall = max(STALL_MIN_S, STALL_PER_FILE_S * batch_size)
+    streak = _Streak(policy.max_crashes_in_a_row)
+    stall = policy.stall_s(batch_size)
     if workers:
         _before_fork()
     while pos < len(entries):
-        it = iter(_loader(entries[pos:], transform, batch_size, workers))
+        it = iter(_loader(entries[pos:], transform, batch_size, workers, decoder, policy))
         try:
             for batch in wrap(_patient(it, stall) if workers else it):
                 batch.start = pos
@@ -223,7 +77,7 @@ def decode_all(
             except RuntimeError as again:  # the SIGCHLD handler, while we looked: it is the answer
                 if not _reports_death(again):
                     raise
-                death = f"died ({errors.first_line(again).rstrip(' .')})"
+                death = f"died ({first_line(again).rstrip(' .')})"
             if death is None:
                 raise
         finally:
@@ -231,12 +85,13 @@ def decode_all(
             it = None
         _before_fork()  # the stopped loader's pipes are finalised here, not in the next children
         # Everything the dead loader had asked its processes for: its prefetch, plus one batch.
-        end = min(len(entries), pos + batch_size * (PREFETCH * workers + 1))
+        end = min(len(entries), pos + policy.window(batch_size, workers))
         warn(
             f"a decoding process {death}; decoding the {end - pos} files it may have held again, "
             "one process per range, to find any that crash it"
         )
-        for batch in _isolate(entries, pos, end, transform, batch_size, max(1, workers), streak):
+        parallel = max(1, workers)
+        for batch in _isolate(entries, pos, end, transform, batch_size, parallel, streak, decoder, policy):
             consume(batch)
             pos = batch.start + batch.count
 
@@ -260,7 +115,7 @@ def _death(it: Any, exc: Exception) -> str | None:
             break
         time.sleep(0.02)
     if not codes:
-        return f"died ({errors.first_line(exc).rstrip(' .')})" if _reports_death(exc) else None
+        return f"died ({first_line(exc).rstrip(' .')})" if _reports_death(exc) else None
     return f"died ({', '.join(_describe(code) for code in codes)})"
 
 
@@ -296,8 +151,8 @@ def _stop(it: Any) -> None:
 class _Streak:
     """Files in a row that crashed the decoder, across windows: many is the machine, not the files."""
 
-    def __init__(self) -> None:
-        self.crashes = 0
+    def __init__(self, max_in_a_row: int) -> None:
+        self.crashes, self.max_in_a_row = 0, max_in_a_row
 
     def saw_good(self, n: int) -> None:
         if n:
@@ -305,7 +160,7 @@ class _Streak:
 
     def saw(self, row: dict[str, Any]) -> None:
         self.crashes = self.crashes + 1 if row.get("crash") else 0
-        if self.crashes >= MAX_CRASHES_IN_A_ROW:
+        if self.crashes >= self.max_in_a_row:
             raise RetrieveError(
                 f"The image decoder crashed on {self.crashes} files in a row (the last {row['path']}): "
                 "the machine's image libraries look broken, not the files. Nothing was skipped for "
@@ -313,11 +168,13 @@ class _Streak:
             )
 
 
-def _decode_serially(entries: Sequence[ImageFileEntry], transform: Transform, conn: Any) -> None:
+def _decode_serially(
+    entries: Sequence[ImageFileEntry], transform: Transform, decoder: Decoder, conn: Any
+) -> None:
     """Child process: decode `entries` in order and send each result as soon as it is made."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _child_setup()
-    dataset = ImageDataset(entries, transform)
+    dataset = ImageDataset(entries, transform, decoder)
     for i in range(len(dataset)):
         try:
             tensor, row = dataset[i]
@@ -333,6 +190,7 @@ class _Range:
     """One range of files being decoded serially; `got` holds one result per file, in order."""
 
     entries: Sequence[ImageFileEntry]
+    policy: IsolationPolicy
     got: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     unexplained: int = 0  # deaths that blame no file, at position `unexplained_at`
     unexplained_at: int = -1
@@ -341,10 +199,11 @@ class _Range:
     conn: Any = None
     since: float = 0.0  # when the file it is on was started
 
-    def start(self, context: Any, transform: Transform) -> None:
+    def start(self, context: Any, transform: Transform, decoder: Decoder) -> None:
         recv, send = context.Pipe(duplex=False)
+        todo = self.entries[len(self.got) :]
         self.proc = context.Process(
-            target=_decode_serially, args=(self.entries[len(self.got) :], transform, send), daemon=True
+            target=_decode_serially, args=(todo, transform, decoder, send), daemon=True
         )
         self.proc.start()
         send.close()  # the child holds the only writer: its death is our EOF
@@ -364,7 +223,9 @@ class _Range:
 
     def overdue(self, now: float) -> bool:
         # poll: a result that arrived just now is taken on the next pass, not killed as a hang.
-        return self.conn is not None and now - self.since > FILE_TIMEOUT_S and not self.conn.poll(0)
+        return (
+            self.conn is not None and now - self.since > self.policy.file_timeout_s and not self.conn.poll(0)
+        )
 
     def ended(self, hung: bool = False) -> bool:
         """The process stopped (or is stopped, `hung`): finished, or lost at the file after the last
@@ -386,7 +247,7 @@ class _Range:
             self.hung_at = len(self.got)
             return True
         if hung or (code is not None and code < 0 and -code in CRASH_SIGNALS):
-            why = f"no result in {FILE_TIMEOUT_S:g} s" if hung else _describe(code)
+            why = f"no result in {self.policy.file_timeout_s:g} s" if hung else _describe(code)
             reason = f"{'hung' if hung else 'crashed'} the image decoder ({why})"
             # `crash`: a resumed run decodes it again, in case the machine, not the file, was at fault.
             self.got.append((None, {**file_row(culprit), "reason": reason, "crash": True}))
@@ -394,7 +255,7 @@ class _Range:
             at = len(self.got)
             self.unexplained = self.unexplained + 1 if at == self.unexplained_at else 1
             self.unexplained_at = at
-            if self.unexplained >= MAX_UNEXPLAINED_DEATHS:
+            if self.unexplained >= self.policy.max_unexplained_deaths:
                 raise RetrieveError(
                     f"The process decoding {culprit.path} was stopped {self.unexplained} times "
                     f"({_describe(code or 0)}), which is not a decoder crash (out of memory? see any "
@@ -418,6 +279,8 @@ def _isolate(
     batch_size: int,
     parallel: int,
     streak: _Streak,
+    decoder: Decoder,
+    policy: IsolationPolicy,
 ) -> Iterator[Batch]:
     """Batches of entries[pos:end], each decoded serially in a process of its own, `parallel` at once.
 
@@ -427,17 +290,17 @@ def _isolate(
     context = _context()
     for round_start in range(pos, end, batch_size * parallel):
         starts = range(round_start, min(end, round_start + batch_size * parallel), batch_size)
-        ranges = [_Range(entries[s : min(end, s + batch_size)]) for s in starts]
+        ranges = [_Range(entries[s : min(end, s + batch_size)], policy) for s in starts]
         try:
             for r in ranges:
-                r.start(context, transform)
+                r.start(context, transform, decoder)
             while live := {r.conn: r for r in ranges if r.conn is not None}:
                 ready = multiprocessing.connection.wait(list(live), timeout=1.0)
                 restart = [r for r in (live[c] for c in ready) if not r.receive() and r.ended()]
                 now = time.monotonic()
                 restart += [r for r in live.values() if r.overdue(now) and r.ended(hung=True)]
                 for r in restart:  # outside any `except`: no exception context leaks into the child
-                    r.start(context, transform)
+                    r.start(context, transform, decoder)
         finally:
             for r in ranges:
                 r.stop()
