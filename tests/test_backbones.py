@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 
 from retrieval.backbones import (
     BackboneSpec,
-    Preprocess,
     feature_nodes,
+    fold_transform_input,
     get_spec,
     imagenet_preprocess,
     list_backbones,
     load_backbone,
+    load_imagenet,
     register,
 )
 from retrieval.errors import UnknownNameError, WeightsUnavailableError
+from retrieval.preprocess import Preprocess
 
 REQUIRED = {
     "pixels": 3072,
@@ -107,3 +111,68 @@ def test_offline_imagenet_weights_give_an_actionable_message(monkeypatch: pytest
     assert "--weights none" in msg and "--backbone pixels" in msg
     with pytest.raises(WeightsUnavailableError, match="no ImageNet weights"):
         load_backbone("lenet", "imagenet")
+
+
+@pytest.mark.parametrize("name", [n for n in list_backbones() if get_spec(n).fixed_size is not None])
+def test_fixed_size_is_the_only_input_side_the_network_takes(name: str) -> None:
+    spec = get_spec(name)
+    side = spec.fixed_size
+    assert spec.preprocess.size == side
+    model = spec.builder(10, 3).eval()
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, side, side)).shape == (1, 10)
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, side + 4, side + 4))
+
+
+def test_transform_input_is_switched_on_by_the_imagenet_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.models import GoogLeNet, WeightsEnum
+
+    spec = get_spec("googlenet")
+    # The state dict torchvision's ImageNet GoogLeNet loads, without downloading it.
+    fake = GoogLeNet(aux_logits=True, init_weights=False).state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: fake)
+    assert spec.transform_input and load_imagenet(spec).transform_input
+    assert [n for n in list_backbones() if get_spec(n).transform_input] == ["googlenet"]
+
+
+def test_folding_transform_input_into_the_preprocessing_is_equal_maths() -> None:
+    from torchvision.models import GoogLeNet
+
+    torch.manual_seed(0)
+    model = GoogLeNet(transform_input=True, aux_logits=False, init_weights=True).eval()
+    pre = imagenet_preprocess(get_spec("googlenet"))
+    x = torch.rand(2, 3, 64, 64)
+
+    def normalise(p: Preprocess) -> torch.Tensor:
+        return (x - torch.tensor(p.mean)[:, None, None]) / torch.tensor(p.std)[:, None, None]
+
+    with torch.inference_mode():
+        before = model(normalise(pre))
+        folded = fold_transform_input(model, pre)
+        after = model(normalise(folded))
+    assert not model.transform_input and (folded.size, folded.resize) == (pre.size, pre.resize)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module that a file imports, at module level or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_backbones_import_checkpoint_and_models_never_the_reverse() -> None:
+    root = Path(__file__).resolve().parents[1] / "retrieval"
+    below = [root / "checkpoint.py", *sorted((root / "models").glob("*.py"))]
+    for path in below:
+        assert not any(n.startswith("retrieval.backbones") for n in _imports(path)), path
+    above = ("images", "store", "index", "embed", "cli", "visualise", "train", "api")
+    for path in sorted((root / "backbones").glob("*.py")):
+        found = {n for n in _imports(path) if n.startswith(("retrieval.", "pipelines"))}
+        bad = {n for n in found if n.startswith("pipelines") or n.split(".")[1] in above}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
