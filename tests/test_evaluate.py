@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 from retrieval import evaluate as ev
 from retrieval.cli import app
 from retrieval.errors import RetrieveError
-from retrieval.index import drop_self
+from retrieval.evaluate import metrics as ev_metrics
+from retrieval.evaluate import neighbours as ev_neighbours
+from retrieval.evaluate import spaces as ev_spaces
+from retrieval.index import ExactIndex, drop_self
 
 # --------------------------------------------------------------------------------------------
 # Hand-computed cases
@@ -57,7 +60,9 @@ def test_whole_ranking_ap_is_its_expectation_over_tie_orders() -> None:
         d = rng.integers(0, 3, n).astype(np.float32)  # few values: many ties, across relevance
         rel = rng.random(n) < 0.5
         rel[0] = True
-        got = ev._ap_from_sorted(np.sort(d[rel])[None], d[~rel][None], np.ones((1, int((~rel).sum())), bool))
+        got = ev_metrics._ap_from_sorted(
+            np.sort(d[rel])[None], d[~rel][None], np.ones((1, int((~rel).sum())), bool)
+        )
         assert got[0] == pytest.approx(_expected_ap_by_enumeration(d, rel), abs=1e-12)
 
 
@@ -189,14 +194,29 @@ def test_blocked_search_matches_one_block(monkeypatch: pytest.MonkeyPatch) -> No
     x = rng.normal(size=(300, 8)).astype(np.float32)
     labels = [str(c) for c in rng.integers(0, 3, 300)]
     whole = ev.evaluate_vectors(x, labels, ks=(1, 5), full_map=True).metrics
-    monkeypatch.setattr(ev, "_BLOCK_CELLS", 500)  # a handful of queries per block
+    monkeypatch.setattr(ev_neighbours, "_BLOCK_CELLS", 500)  # a handful of queries per block
+    calls = {"search": 0, "ap": 0}
+    search, ap = ExactIndex.search, ev_neighbours._ap_from_sorted
+
+    def counted_search(self: ExactIndex, *args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
+        calls["search"] += 1
+        return search(self, *args, **kwargs)
+
+    def counted_ap(*args: np.ndarray) -> np.ndarray:
+        calls["ap"] += 1
+        return ap(*args)
+
+    monkeypatch.setattr(ExactIndex, "search", counted_search)
+    monkeypatch.setattr(ev_neighbours, "_ap_from_sorted", counted_ap)
     assert ev.evaluate_vectors(x, labels, ks=(1, 5), full_map=True).metrics == pytest.approx(whole)
+    # The patch reached both blocked loops (unpatched: one search, one distance block per class).
+    assert calls["search"] > 1 and calls["ap"] > 3
 
 
 def test_full_map_skipped_above_the_pair_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(50, 4)).astype(np.float32)
-    monkeypatch.setattr(ev, "FULL_MAP_MAX_PAIRS", 100)
+    monkeypatch.setattr(ev_spaces, "FULL_MAP_MAX_PAIRS", 100)
     res = ev.evaluate_vectors(x, ["a", "b"] * 25, ks=(1,))
     assert "mAP" not in res.metrics and "MAP@R" in res.metrics
     assert any("skipped" in n for n in res.notes)

@@ -24,7 +24,10 @@ from typer.testing import CliRunner
 from retrieval import maps
 from retrieval.api import open_index
 from retrieval.cli import app
+from retrieval.errors import RetrieveError, UnknownNameError
 from retrieval.maps import MapConfig, ProjectionParams, build_map, grid_assign, project, stratified_sample
+from retrieval.maps import projection as map_projection
+from retrieval.maps.grid import _unit
 
 runner = CliRunner()
 # Linux file names cannot hold "/", so this is the folder `"><script>alert(1)<` (which is also the
@@ -112,11 +115,11 @@ def test_projection_is_seeded_and_keeps_clusters(method: str) -> None:
 
 
 def test_projection_rejects_bad_input() -> None:
-    with pytest.raises(maps.RetrieveError, match="NaN"):
+    with pytest.raises(RetrieveError, match="NaN"):
         project(np.full((20, 3), np.nan, np.float32), "pca")
-    with pytest.raises(maps.UnknownNameError, match="tsne, umap, pca"):
+    with pytest.raises(UnknownNameError, match="tsne, umap, pca"):
         project(np.zeros((20, 3), np.float32), "mds")
-    with pytest.raises(maps.RetrieveError, match="Unknown projection options"):
+    with pytest.raises(RetrieveError, match="Unknown projection options"):
         project(np.zeros((20, 3), np.float32), "pca", perplexty=5)
 
 
@@ -126,8 +129,10 @@ def test_cache_reused_until_vectors_or_parameters_change(
     copy = tmp_path / "idx"
     shutil.copytree(index, copy)
     calls: list[ProjectionParams] = []
-    real = maps.run_projection
-    monkeypatch.setattr(maps, "run_projection", lambda v, p, jobs=None: calls.append(p) or real(v, p, jobs))
+    real = map_projection.run_projection
+    monkeypatch.setattr(
+        map_projection, "run_projection", lambda v, p, jobs=None: calls.append(p) or real(v, p, jobs)
+    )
 
     def run(**kw: object) -> tuple[maps.MapReport, dict]:
         params = ProjectionParams(**{"method": "pca", **kw})
@@ -206,7 +211,7 @@ def test_grid_assignment_matches_brute_force_on_a_tiny_grid() -> None:
     pts = rng.uniform(size=(9, 2))
     cells = grid_assign(pts, 3, 3)
     assert sorted(cells.tolist()) == list(range(9))
-    u = maps._unit(pts) * [3, 3]
+    u = _unit(pts) * [3, 3]
     centres = np.stack(np.meshgrid(np.arange(3) + 0.5, np.arange(3) + 0.5), -1).reshape(-1, 2)
     cost = ((u[:, None] - centres[None]) ** 2).sum(-1)
     perms = np.array(list(itertools.permutations(range(9))))
