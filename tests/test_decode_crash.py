@@ -228,7 +228,7 @@ def test_training_data_decoded_in_processes_skips_a_crashing_file(
 ) -> None:
     import torch
 
-    import retrieval.train as train_mod
+    import retrieval.training.data as train_mod
     from retrieval.images import Transform
     from retrieval.preprocess import Preprocess
 
