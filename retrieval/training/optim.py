@@ -45,6 +45,7 @@ def param_groups(
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, Nesterov) or AdamW over `param_groups`, at the recipe-filled rate and decay."""
     c = with_recipe(config)
     assert c.lr is not None and c.weight_decay is not None
     assert c.norm_bias_lr_scale is not None
@@ -67,6 +68,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` per optimiser step: warm-up capped at a third of the run, then cosine or one-cycle."""
     c = with_recipe(config)
     assert c.epochs is not None and c.warmup_epochs is not None and c.schedule is not None
     total = c.epochs * steps_per_epoch

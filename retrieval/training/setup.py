@@ -56,6 +56,7 @@ class Run:
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """Class names, in label order."""
         return self.split.classes
 
     def checkpoint(self, progress: Progress, epoch: int, step: int, part: dict[str, Any]) -> Checkpoint:
