@@ -53,7 +53,7 @@ def bench_samples(args: argparse.Namespace) -> None:
 
 
 def _train_and_eval(data: Path, args: argparse.Namespace, channels: int | None, flip: bool) -> None:
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     work = data.parent / f"{data.name}-quality"
     if args.weights:

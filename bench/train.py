@@ -27,7 +27,7 @@ import torch
 
 from retrieval.backbones import get_spec
 from retrieval.device import machine_summary, resolve_runtime
-from retrieval.train import EpochStats, TrainConfig, TrainReporter, train, with_recipe
+from retrieval.training import EpochStats, TrainConfig, TrainReporter, train, with_recipe
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -84,7 +84,7 @@ def run_curve(config: TrainConfig, target: float | None, budget: float | None, s
 def overhead(args: argparse.Namespace) -> dict:
     """train()'s steps/s (training phase, from its own epoch stats) vs a bare loop, ABAB in one run."""
     from retrieval.samples import SampleConfig, make_samples
-    from retrieval.train import make_optimizer
+    from retrieval.training import make_optimizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = make_samples(tmp / "shapes", SampleConfig(per_class=256, test_per_class=0, size=32))
@@ -111,7 +111,7 @@ def overhead(args: argparse.Namespace) -> dict:
     # The bare loop: same decoded uint8 images in memory, same model, batch, optimiser, autocast.
     from retrieval.images import Transform
     from retrieval.preprocess import Preprocess
-    from retrieval.train import decode_to_memory
+    from retrieval.training import decode_to_memory
 
     paths = sorted(p for p in (data / "train").rglob("*.png"))
     classes = sorted({p.parent.name for p in paths})
@@ -269,7 +269,7 @@ def cifar(args: argparse.Namespace) -> dict:
 
 def speed(args: argparse.Namespace) -> dict:
     """Training images/s through StepRunner (our augmentation included) vs a bare step, 224 px."""
-    from retrieval.train import Augment, StepRunner, make_optimizer
+    from retrieval.training import Augment, StepRunner, make_optimizer
 
     runtime = resolve_runtime("auto", "auto")
     out: dict = {"runtime": runtime.describe()}

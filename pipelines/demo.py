@@ -142,7 +142,7 @@ def _samples(config: DemoConfig, images: Path, progress: DemoProgress) -> bool:
 
 def _train(config: DemoConfig, images: Path, run_dir: Path, progress: DemoProgress) -> tuple[Path, bool]:
     """Train the small convnet on the train split; returns (checkpoint, reused)."""
-    from retrieval.train import TrainConfig, TrainReporter, train
+    from retrieval.training import TrainConfig, TrainReporter, train
 
     train_config = TrainConfig(
         data=images / "train",

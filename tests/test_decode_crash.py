@@ -257,7 +257,7 @@ def test_the_cli_reports_a_decoder_crash_as_a_warning_and_a_skip(
 def test_training_data_decoded_in_processes_skips_a_crashing_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import retrieval.train as train_mod
+    import retrieval.training.data as train_mod
     from retrieval.preprocess import Preprocess
 
     images = _folder(tmp_path / "imgs", n=12)

@@ -462,7 +462,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(data: Path | None, out: Path | None, reporter=None, **kw):
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     base = dict(arch="lenet", channels=1, epochs=2, batch_size=8, workers=1, val_fraction=0.25)
     return train(TrainConfig(data=data, out=out, **{**base, **kw}), reporter)
@@ -482,7 +482,7 @@ class _Crash:
 def test_resume_refuses_flags_that_change_the_run_and_says_when_it_is_done(
     small: Path, tmp_path: Path
 ) -> None:
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     _train(small, tmp_path / "run")
     with pytest.raises(RetrieveError, match=r"cannot change --epochs 3 \(the run has 2\).*--optimizer adamw"):
@@ -513,7 +513,7 @@ def test_overwrite_removes_the_old_runs_state_before_anything_else(small: Path, 
 
 
 def test_a_run_killed_in_its_first_epoch_can_simply_be_started_again(small: Path, tmp_path: Path) -> None:
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     with pytest.raises(SystemError):
         _train(small, tmp_path / "run", reporter=_Crash())
@@ -524,7 +524,7 @@ def test_a_run_killed_in_its_first_epoch_can_simply_be_started_again(small: Path
 
 
 def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_split(small: Path, tmp_path: Path) -> None:
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     _train(small, tmp_path / "run", epochs=3, stop_after_epochs=1)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -550,7 +550,7 @@ def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_split(small: Pa
     ],
 )
 def test_bad_training_numbers_are_refused_up_front(field: str, value: float, message: str) -> None:
-    from retrieval.train import TrainConfig
+    from retrieval.training import TrainConfig
 
     with pytest.raises(RetrieveError, match=message):
         TrainConfig(data=Path("."), out=Path("x"), **{field: value})
@@ -585,7 +585,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(small: Path,
 
 
 def test_a_link_to_another_class_folder_does_not_swallow_that_class(small: Path, tmp_path: Path) -> None:
-    from retrieval.train import discover
+    from retrieval.training import discover
 
     shutil.copytree(small, tmp_path / "data")
     (tmp_path / "data" / "circle" / "sq").symlink_to("../square")
@@ -641,7 +641,7 @@ def test_train_out_never_takes_over_a_folder_of_other_files(small: Path, tmp_pat
 
 
 def test_resume_accepts_flags_that_restate_what_the_run_chose(small: Path, tmp_path: Path) -> None:
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     _train(small, tmp_path / "run", epochs=2, stop_after_epochs=1)  # image size and channels chosen
     done = train(TrainConfig(data=None, out=None, resume=tmp_path / "run", image_size=32, channels=1))

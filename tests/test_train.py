@@ -25,7 +25,7 @@ from retrieval.config import IndexConfig
 from retrieval.device import resolve_runtime
 from retrieval.errors import RetrieveError
 from retrieval.samples import SampleConfig, make_samples
-from retrieval.train import (
+from retrieval.training import (
     GENERAL_DEFAULTS,
     Augment,
     EpochStats,
@@ -524,7 +524,7 @@ def test_real_subprocess_trains_and_ctrl_c_saves_a_resumable_run(shapes: Path, t
 
 
 def test_process_decode_equals_thread_decode(shapes: Path, tmp_path: Path, monkeypatch) -> None:
-    import retrieval.train as train_mod
+    import retrieval.training.data as train_mod
     from retrieval.images import Transform
     from retrieval.preprocess import Preprocess
 

@@ -1,4 +1,4 @@
-"""`retrieve train`: options -> TrainConfig -> `retrieval.train.train`, rendered with rich."""
+"""`retrieve train`: options -> TrainConfig -> `retrieval.training.train`, rendered with rich."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from retrieval.cli._app import command, console, err_console, esc
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from retrieval.train import EpochStats, TrainReporter
+    from retrieval.training import EpochStats, TrainReporter
 
 _DATA = "Data"
 _OPT = "Optimisation"
@@ -21,7 +21,7 @@ _RUN = "Runtime"
 
 def _recipe_or(general: str) -> str:
     """Help suffix of a field that the architecture's recipe may set; `general` restates
-    retrieval.train.GENERAL_DEFAULTS (not imported here: it would pull torch into `--help`)."""
+    retrieval.training.config.GENERAL_DEFAULTS (not imported here: it would pull torch into `--help`)."""
     return f"(default: the architecture's recipe, else {general})"
 
 
@@ -208,7 +208,7 @@ def train_cli(
 
     The run directory gets config.json, metrics.jsonl (one line per epoch), last.pt and best.pt (written atomically each epoch), and report.txt / report.json / confusion.png. Ctrl-C finishes the current step, saves last.pt and stops; --resume continues from exactly there. Unreadable images are skipped and listed in skipped.txt.
     """
-    from retrieval.train import TrainConfig, train
+    from retrieval.training import TrainConfig, train
 
     if resume is None and data is None:
         raise typer.BadParameter("give a DATA folder, or --resume RUN_DIR", param_hint="DATA")
@@ -277,7 +277,7 @@ def _rich_reporter() -> TrainReporter:
     """Epoch lines on stderr and a transient progress bar within each epoch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from retrieval.train import TrainReporter
+    from retrieval.training import TrainReporter
 
     class RichReporter(TrainReporter):
         def __init__(self) -> None:
