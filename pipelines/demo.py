@@ -19,6 +19,7 @@ from typing import Any
 
 from retrieval.evaluate import DEFAULT_KS, SpaceResult
 from retrieval.paths import user_path
+from retrieval.progress import Progress
 from retrieval.samples import SampleConfig
 
 PIXELS = "pixels"
@@ -48,11 +49,11 @@ class DemoConfig:
     fresh: bool = False  # redo every step
 
 
-class DemoProgress:
-    """Callbacks: a line per step and notes within it; the CLI prints them, tests ignore them."""
+class DemoProgress(Progress):
+    """The progress protocol plus a line per step; the CLI prints them, tests ignore them."""
 
-    def step(self, text: str) -> None: ...
-    def note(self, text: str) -> None: ...
+    def step(self, text: str) -> None:
+        """A step of the demo begins (its notes follow)."""
 
 
 @dataclass(frozen=True)
@@ -231,10 +232,24 @@ def _write_map(index: Path, out: Path, progress: DemoProgress) -> Path | None:
     return out
 
 
-def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoReport:
-    """Run (or resume) the whole demo under `config.out`."""
+def _evaluate(
+    config: DemoConfig, indexes: list[Path], test_indexes: list[Path], progress: DemoProgress
+) -> tuple[list, list, list[SpaceResult]]:
+    """Test images as queries against the train split, in each space: (databases, queries, results)."""
     from retrieval.api import open_index
     from retrieval.evaluate import QuerySet, evaluate_indexes
+
+    progress.step("evaluating: test images as queries against the train split, in each space")
+    db = [open_index(p) for p in indexes]
+    queries = []
+    for path in test_indexes:
+        q = open_index(path)
+        queries.append(QuerySet(np_vectors(q), list(q.labels), list(q.paths)))
+    return db, queries, evaluate_indexes(db, queries, ks=config.ks)
+
+
+def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoReport:
+    """Run (or resume) the whole demo under `config.out`."""
     from retrieval.sheet import neighbour_blocks, write_sheet
 
     progress = progress or DemoProgress()
@@ -270,13 +285,9 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
     seconds["index"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    progress.step("evaluating: test images as queries against the train split, in each space")
-    db = [open_index(indexes[name]) for name in spaces]
-    queries = []
-    for name in spaces:
-        q = open_index(test_indexes[name])
-        queries.append(QuerySet(np_vectors(q), list(q.labels), list(q.paths)))
-    results = evaluate_indexes(db, queries, ks=config.ks)
+    db, queries, results = _evaluate(
+        config, [indexes[n] for n in spaces], [test_indexes[n] for n in spaces], progress
+    )
     caption = (
         f"{queries[0].vectors.shape[0]} test images querying {len(db[0])} training images "
         f"(8 shape classes; {config.arch} trained {config.epochs} epochs on the train split)"

@@ -9,15 +9,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.runner import StageTimer
+from pipelines.runner import ENGINES as RUNNER_ENGINES
+from pipelines.runner import Settings, StageTimer, run
 from retrieval.config import IndexConfig
 from retrieval.errors import EmptyInputError, RetrieveError
 from retrieval.paths import user_path
+from retrieval.progress import Progress
 
 if TYPE_CHECKING:
-    from retrieval.images import Decoder, IsolationPolicy
+    from retrieval.backbones import Backbone
+    from retrieval.device import Runtime
+    from retrieval.images import Batch, Decoder, ImageFileEntry, IsolationPolicy, Transform
+    from retrieval.store import Manifest, Staging
 
-ENGINES = ("local",)
+ENGINES = tuple(RUNNER_ENGINES)
+__all__ = ["ENGINES", "EmbedMapper", "IndexReport", "Progress", "ShardWriter", "build_index"]
 
 
 @dataclass(frozen=True)
@@ -38,16 +44,6 @@ class IndexReport:
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
-
-
-class Progress:
-    """Callbacks the job reports through; the CLI renders them with rich, tests ignore them."""
-
-    def start(self, total: int, done: int, description: str) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def note(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def stop(self) -> None: ...
 
 
 def _reason_kind(reason: str) -> str:
@@ -89,7 +85,7 @@ def build_index(
     index_dir = user_path(config.index).absolute()
     if index_dir.is_dir() and not _is_index_or_empty(index_dir):
         raise RetrieveError(
-            f"{index_dir} is a folder with other files in it, not an index; give --index a new or empty "
+            f"{index_dir} is a folder with other files in it, not an index; give «index» a new or empty "
             "folder (an index writes and replaces files of its own there)."
         )
     progress = progress or Progress()
@@ -97,60 +93,69 @@ def build_index(
         return _build_index(config, root, index_dir, progress, decoder, policy)
 
 
-def _build_index(
-    config: IndexConfig,
-    root: Path,
-    index_dir: Path,
-    progress: Progress | None,
-    decoder: Decoder | None = None,
-    policy: IsolationPolicy | None = None,
-) -> IndexReport:
-    from retrieval import __version__
-    from retrieval.backbones import load_backbone
-    from retrieval.device import resolve_runtime
-    from retrieval.embed import default_batch_size, default_workers, forward, prepare_model
-    from retrieval.images import (
-        IMAGE_EXTENSIONS,
-        Batch,
-        IsolationPolicy,
-        PILDecoder,
-        Transform,
-        decode_all,
-        scan,
-    )
-    from retrieval.store import Manifest, Staging, WeightsRecord, commit
+class EmbedMapper:
+    """Decode + embed, built once per worker: the model on its device, the transform, the decoder."""
 
-    progress = progress or Progress()
-    t0 = time.perf_counter()
-    timer = StageTimer()
+    def __init__(
+        self, backbone: Backbone, runtime: Runtime, tta: bool, decoder: Decoder | None = None
+    ) -> None:
+        from retrieval.embed import prepare_model
+        from retrieval.images import PILDecoder, Transform
 
-    with timer.stage("load model"):
+        self.backbone = prepare_model(backbone, runtime)
+        self.runtime = runtime
+        self.tta = tta
+        self.transform: Transform = Transform(backbone.preprocess)
+        self.decoder: Decoder = PILDecoder() if decoder is None else decoder
+
+    @classmethod
+    def load(cls, config: IndexConfig, decoder: Decoder | None = None) -> EmbedMapper:
+        from retrieval.backbones import load_backbone
+        from retrieval.device import resolve_runtime
+
         runtime = resolve_runtime(config.device, config.dtype)
-        backbone = load_backbone(config.backbone, config.weights, config.layer)
-        # The pixel baseline is a resize and a flatten: no network, so no autocast or memory format.
-        device = runtime.describe() if backbone.spec.builder else runtime.device.type
-        progress.note(f"device: {device}")
-        progress.note(
-            f"backbone: {backbone.spec.name} ({backbone.layer or 'pixels'}) {backbone.dim}-d, "
-            f"weights {backbone.weights.id}"
-        )
-        if backbone.weights.kind == "none":
-            progress.warn(
-                "weights: none: RANDOM initialisation (seed 0); neighbours will be close "
-                "to meaningless. Use --weights imagenet or a trained checkpoint for real retrieval."
+        return cls(load_backbone(config.backbone, config.weights, config.layer), runtime, config.tta, decoder)
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        from retrieval.embed import forward
+
+        # No autograd switch here: `forward` runs under inference_mode, and a global switch leaked to
+        # the caller (training after indexing in one process broke).
+        vectors = forward(self.backbone, self.runtime, self.transform, batch.images, self.tta)
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            # FAISS would index them and then never return them: stop with the cause.
+            bad = batch.rows[int(np.argmin(finite))]["path"]
+            raise RetrieveError(
+                f"The backbone gives NaN or infinite features (first for {bad}); nothing "
+                "from this run is committed. Check the weights, or try «dtype» float32."
             )
-        model = prepare_model(backbone, runtime)
-        transform = Transform(backbone.preprocess)
+        return vectors
 
-    # Scanned after the model loads: a bad --backbone/--weights fails before a long scan.
-    with timer.stage("scan"):
-        entries, problems = scan(root)
-    if not entries and not problems:
-        raise EmptyInputError(
-            f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
-        )
+    def describe(self) -> str:
+        # The pixel baseline is a resize and a flatten: no network, so no autocast or memory format.
+        return self.runtime.describe() if self.backbone.spec.builder else self.runtime.device.type
 
-    manifest = Manifest(
+
+class ShardWriter:
+    """Appends each batch to the staging shards: one append per batch, so a repeat is harmless."""
+
+    def __init__(self, staging: Staging) -> None:
+        self.staging = staging
+
+    def write(self, batch: Batch, vectors: np.ndarray) -> None:
+        self.staging.add(vectors if batch.rows else [], batch.rows, batch.skipped)
+
+    def close(self) -> None:
+        self.staging.flush()
+
+
+def _manifest(config: IndexConfig, root: Path, mapper: EmbedMapper) -> Manifest:
+    from retrieval import __version__
+    from retrieval.store import Manifest, WeightsRecord
+
+    backbone, runtime = mapper.backbone, mapper.runtime
+    return Manifest(
         retrieve_version=__version__,
         root=str(root),
         backbone=backbone.spec.name,
@@ -163,10 +168,37 @@ def _build_index(
         tta=config.tta,
         dtype="float32" if runtime.autocast_dtype is None else str(runtime.autocast_dtype).split(".")[-1],
     )
-    # Staged shards are reused only by a run that would compute the same vectors (and that wrote
-    # the same shard layout).
-    key = manifest.run_key()
-    staging = Staging(index_dir, key, config.shard_rows)
+
+
+def _announce(mapper: EmbedMapper, progress: Progress) -> None:
+    backbone = mapper.backbone
+    progress.note(f"device: {mapper.describe()}")
+    progress.note(
+        f"backbone: {backbone.spec.name} ({backbone.layer or 'pixels'}) {backbone.dim}-d, "
+        f"weights {backbone.weights.id}"
+    )
+    if backbone.weights.kind == "none":
+        progress.warn(
+            "weights: none: RANDOM initialisation (seed 0); neighbours will be close "
+            "to meaningless. Use «weights» imagenet or a trained checkpoint for real retrieval."
+        )
+
+
+def _scan(root: Path) -> tuple[list[ImageFileEntry], list[tuple[str, str]]]:
+    from retrieval.images import IMAGE_EXTENSIONS, scan
+
+    entries, problems = scan(root)
+    if not entries and not problems:
+        raise EmptyInputError(
+            f"No images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, recursively)."
+        )
+    return entries, problems
+
+
+def _to_do(
+    staging: Staging, entries: list[ImageFileEntry], problems: list[tuple[str, str]], progress: Progress
+) -> list[ImageFileEntry]:
+    """The files the staging area has not handled as they are now; the scan's problems are staged."""
     done = staging.open()
     todo = [
         e
@@ -181,75 +213,71 @@ def _build_index(
     staging.add(
         [], [], [{"path": p, "label": "", "bytes": 0, "mtime": 0.0, "reason": r} for p, r in problems]
     )
+    return todo
 
-    batch_size = config.batch_size or default_batch_size(runtime)
-    workers = default_workers(runtime) if config.workers is None else config.workers
+
+def _build_index(
+    config: IndexConfig,
+    root: Path,
+    index_dir: Path,
+    progress: Progress,
+    decoder: Decoder | None = None,
+    policy: IsolationPolicy | None = None,
+) -> IndexReport:
+    from retrieval.embed import default_batch_size, default_workers
+    from retrieval.store import Staging, commit
+
+    t0 = time.perf_counter()
+    timer = StageTimer()
+    with timer.stage("load model"):
+        mapper = EmbedMapper.load(config, decoder)
+        _announce(mapper, progress)
+    # Scanned after the model loads: a bad --backbone/--weights fails before a long scan.
+    with timer.stage("scan"):
+        entries, problems = _scan(root)
+    manifest = _manifest(config, root, mapper)
+    # Staged shards are reused only by a run that would compute the same vectors.
+    staging = Staging(index_dir, manifest.run_key(), config.shard_rows)
+    todo = _to_do(staging, entries, problems, progress)
+    runtime = mapper.runtime
+    settings = Settings(
+        batch_size=config.batch_size or default_batch_size(runtime),
+        workers=default_workers(runtime) if config.workers is None else config.workers,
+        policy=policy,
+    )
     embedded = 0
     if todo:
-        progress.start(len(entries), reused, f"embedding with {backbone.spec.name}")
-
-        # No autograd switch here: `forward` runs under inference_mode, and a global switch leaked to
-        # the caller (training after indexing in one process broke).
-        handed: dict[int, int] = {}  # batch start -> files embedded; a repeat is counted once
-
-        def consume(batch: Batch) -> None:
-            with timer.stage("map"):
-                vectors = forward(model, runtime, transform, batch.images, config.tta) if batch.rows else []
-                finite = np.isfinite(vectors).all(axis=1) if len(vectors) else None
-                if finite is not None and not finite.all():
-                    # FAISS would index them and then never return them: stop with the cause.
-                    bad = batch.rows[int(np.argmin(finite))]["path"]
-                    raise RetrieveError(
-                        f"The backbone gives NaN or infinite features (first for {bad}); nothing "
-                        "from this run is committed. Check the weights, or try --dtype float32."
-                    )
-            with timer.stage("write"):
-                staging.add(vectors, batch.rows, batch.skipped)
-            if batch.start not in handed:  # decode_all hands a batch over again after a crash
-                handed[batch.start] = len(batch.rows)
-                progress.advance(batch.count)
-
-        try:
-            decode_all(
-                todo,
-                transform,
-                batch_size,
-                workers,
-                consume,
-                wrap=lambda stream: timer.timed("read", stream),
-                warn=progress.warn,
-                decoder=PILDecoder() if decoder is None else decoder,
-                policy=IsolationPolicy() if policy is None else policy,
-            )
-        finally:
-            # Whatever happens (Ctrl-C included), what was embedded so far is kept for the re-run.
-            staging.flush()
-            progress.stop()
-        embedded = sum(handed.values())
-
-    with timer.stage("commit"):
-        manifest = commit(
-            index_dir,
-            staging,
-            [e.relpath for e in entries] + [p for p, _ in problems],
-            manifest,
-            config.shard_rows,
+        progress.start(len(entries), len(entries) - len(todo), f"embedding with {mapper.backbone.spec.name}")
+        embedded = run(
+            todo,
+            lambda: mapper,
+            ShardWriter(staging),
+            settings,
+            engine=config.engine,
+            progress=progress,
+            timer=timer,
         )
-    from retrieval.store import generation_dir, read_jsonl
-
-    ledger = read_jsonl(generation_dir(index_dir, manifest) / "skipped.jsonl")
-    reasons: dict[str, int] = {}
-    for row in ledger:
-        reasons[_reason_kind(row["reason"])] = reasons.get(_reason_kind(row["reason"]), 0) + 1
+    with timer.stage("commit"):
+        order = [e.relpath for e in entries] + [p for p, _ in problems]
+        manifest = commit(index_dir, staging, order, manifest, config.shard_rows)
     return IndexReport(
         index=index_dir,
         indexed=manifest.counts.indexed,
         embedded=embedded,
         skipped=manifest.counts.skipped,
         seconds=time.perf_counter() - t0,
-        device=device,
-        backbone=backbone.spec.name,
-        dim=backbone.dim,
+        device=mapper.describe(),
+        backbone=mapper.backbone.spec.name,
+        dim=mapper.backbone.dim,
         stages=dict(timer.seconds),
-        skipped_reasons=reasons,
+        skipped_reasons=_ledger_reasons(index_dir, manifest),
     )
+
+
+def _ledger_reasons(index_dir: Path, manifest: Manifest) -> dict[str, int]:
+    from retrieval.store import generation_dir, read_jsonl
+
+    reasons: dict[str, int] = {}
+    for row in read_jsonl(generation_dir(index_dir, manifest) / "skipped.jsonl"):
+        reasons[_reason_kind(row["reason"])] = reasons.get(_reason_kind(row["reason"]), 0) + 1
+    return reasons

@@ -4,70 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from retrieval.errors import BadImageError, IndexFormatError, IndexNotFoundError, RetrieveError
+from retrieval.errors import BadImageError, IndexFormatError, RetrieveError
 from retrieval.paths import user_path
+from retrieval.query import Hit, Searcher, check_k
 from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest
 
+__all__ = ["Hit", "Index", "check_k", "open_index"]
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One neighbour."""
-
-    rank: int
-    id: int
-    distance: float
-    path: str  # relative to the index root
-    label: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "id": self.id,
-            "distance": self.distance,
-            "path": self.path,
-            "label": self.label,
-        }
-
-
-def state_dir() -> Path:
-    """Where `retrieve` remembers the last index built (RETRIEVE_STATE_DIR overrides)."""
-    env = os.environ.get("RETRIEVE_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "retrieve"
-
-
-def remember_last_index(path: str | os.PathLike) -> None:
-    d = state_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "last-index").write_text(str(Path(path).absolute()) + "\n")
-    except OSError:
-        pass  # remembering is a convenience; a read-only home must not fail a finished index
-
-
-def last_index() -> Path:
-    f = state_dir() / "last-index"
-    if not f.exists():
-        raise IndexNotFoundError(
-            "No index given and none built yet: run `retrieve index FOLDER` or pass --index."
-        )
-    path = Path(f.read_text().strip())
-    if not (path / "manifest.json").exists():
-        raise IndexNotFoundError(
-            f"The last index, {path}, no longer exists; pass --index or re-run `retrieve index`."
-        )
-    return path
 
 
 class Index:
@@ -164,10 +114,11 @@ class Index:
         return read_jsonl(self.dir / "skipped.jsonl")
 
     @cached_property
-    def searcher(self):  # -> VectorIndex
-        return self._read(self._load_searcher)
+    def vector_index(self):  # -> VectorIndex
+        """The generation's search index (exact or approximate, as the manifest records)."""
+        return self._read(self._load_vector_index)
 
-    def _load_searcher(self):  # -> VectorIndex
+    def _load_vector_index(self):  # -> VectorIndex
         from retrieval.index import load_index
 
         if not (self.dir / "index.faiss").exists():
@@ -204,7 +155,7 @@ class Index:
             bases = (p.absolute(),)
         return [b.relative_to(self.root).as_posix() for b in bases if b.is_relative_to(self.root)]
 
-    def _indexed(self, ref: str | os.PathLike) -> int | None:
+    def indexed(self, ref: str | os.PathLike) -> int | None:
         """The id of `ref` when it names an indexed image exactly (no suffix matching), else None."""
         candidates = [str(ref).replace(os.sep, "/")]
         p = user_path(ref)
@@ -225,7 +176,7 @@ class Index:
             x = np.atleast_2d(np.asarray(x, np.float32))
         except (TypeError, ValueError) as exc:
             raise RetrieveError(f"query vectors must be a numeric array ({exc}).") from None
-        dist, ids = self.searcher.search(x, min(k, len(self)))
+        dist, ids = self.vector_index.search(x, min(k, len(self)))
         return self._hits(ids, dist)
 
     def _hits(self, ids: np.ndarray, dist: np.ndarray) -> list[list[Hit]]:
@@ -241,10 +192,10 @@ class Index:
         k = check_k(k)
         refs = [refs] if isinstance(refs, str | int | np.integer | os.PathLike) else refs
         ids = np.array([self.id_of(r) for r in refs], dtype=np.int64)
-        x = self.searcher.reconstruct(ids)  # the rows asked for, not a copy of every shard
+        x = self.vector_index.reconstruct(ids)  # the rows asked for, not a copy of every shard
         if not exclude_self:
             return self.search_vectors(x, k)
-        dist, nb = self.searcher.search(x, min(k + 1, len(self)))
+        dist, nb = self.vector_index.search(x, min(k + 1, len(self)))
         nb, dist = drop_self(nb, dist, ids, k)
         return self._hits(nb, dist)
 
@@ -275,64 +226,15 @@ class Index:
         return self.search_vectors(self.embed(paths, device=device), k)
 
     def search(self, query: Any, k: int = 10) -> list[list[Hit]]:
-        """Dispatch: a numpy array = vectors; an int = id; a str/Path naming an indexed image (its
-        path relative to the root, or a path to the file under the root) = that image, left out of
-        its own results as with ids; any other str/Path = an image file to embed. Lists may mix."""
-        if isinstance(query, np.ndarray):
-            return self.search_vectors(query, k)
-        queries = list(query) if isinstance(query, list | tuple) else [query]
-        bad = [q for q in queries if not isinstance(q, int | np.integer | str | os.PathLike)]
-        if bad or not queries:
-            raise RetrieveError(
-                f"search takes vectors, ids, or image paths; got {bad[0]!r}"
-                if bad
-                else "nothing to search for"
-            )
-        # One meaning per argument, wherever the caller stands: indexed images are looked up (and
-        # left out of their own results), everything else is a file to embed.
-        files = [
-            i
-            for i, q in enumerate(queries)
-            if not isinstance(q, int | np.integer) and self._indexed(q) is None
-        ]
-        out: list[list[Hit]] = [[] for _ in queries]
-        if files:
-            for i, hits in zip(files, self.search_paths([queries[i] for i in files], k), strict=True):
-                out[i] = hits
-        as_files = set(files)
-        rest = [i for i in range(len(queries)) if i not in as_files]
-        if rest:
-            for i, hits in zip(rest, self.search_ids([queries[i] for i in rest], k), strict=True):
-                out[i] = hits
-        return out
+        """Dispatch on the type (see `Searcher.search`): vectors, ids, indexed paths or image files."""
+        return Searcher(self).search(query, k)
 
     # -- model --------------------------------------------------------------------------------
     def backbone(self):  # -> Backbone
         """The backbone the index was built with; refuses weights that differ from the recorded hash."""
-        from retrieval.backbones import load_backbone
+        from retrieval.embed import load_recorded_backbone
 
-        m = self.manifest
-        w = m.weights
-        if w.kind == "pixels":
-            weights = None
-        elif w.kind == "checkpoint":
-            weights = m.checkpoint
-            if not weights or not Path(weights).exists():
-                raise RetrieveError(
-                    f"The index was built with checkpoint {w.id} ({weights}), which is no longer there; "
-                    "queries must be embedded with the same weights."
-                )
-        else:
-            weights = w.kind
-        backbone = load_backbone(m.backbone, weights, m.layer or None)
-        if backbone.weights.sha256 != w.sha256:
-            raise RetrieveError(
-                f"The weights now loaded for {m.backbone} (sha256 {backbone.weights.sha256[:12]}) differ "
-                f"from those the index was built with ({w.sha256[:12]}); re-index or restore the weights."
-            )
-        if backbone.preprocess != m.preprocess:
-            raise RetrieveError("The backbone's preprocessing differs from the one recorded in the index.")
-        return backbone
+        return load_recorded_backbone(self.manifest)
 
 
 def _identity(generation: Path) -> tuple[int, int, int] | None:
@@ -348,15 +250,8 @@ def _identity(generation: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
-def open_index(path: str | os.PathLike | None = None) -> Index:
-    """Open the index at `path`, or the last one built when `path` is None."""
-    if path is not None and not isinstance(path, str | os.PathLike):
+def open_index(path: str | os.PathLike) -> Index:
+    """Open the index at `path` (the CLI remembers the last one built; the library does not)."""
+    if not isinstance(path, str | os.PathLike):
         raise RetrieveError(f"open_index takes the path of an index folder, not {type(path).__name__}.")
-    return Index(path if path is not None else last_index())
-
-
-def check_k(k: Any) -> int:
-    """`k` as an int of at least 1, or a RetrieveError (2.5, "5" and None are mistakes, not ks)."""
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise RetrieveError(f"k must be a whole number of at least 1, not {k!r}.")
-    return int(k)
+    return Index(path)

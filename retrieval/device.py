@@ -57,9 +57,9 @@ def pick_device(device: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("mps") if has_mps else torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RetrieveError("--device cuda was asked for but no CUDA GPU is visible; use --device auto.")
+        raise RetrieveError("«device» cuda was asked for but no CUDA GPU is visible; use «device» auto.")
     if device == "mps" and not has_mps:
-        raise RetrieveError("--device mps was asked for but MPS is not available; use --device auto.")
+        raise RetrieveError("«device» mps was asked for but MPS is not available; use «device» auto.")
     return torch.device(device)
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from retrieval.backbones import Backbone
+from retrieval.backbones import Backbone, load_backbone
 from retrieval.device import Runtime
-from retrieval.errors import BadImageError
+from retrieval.errors import BadImageError, RetrieveError
 from retrieval.images import Transform, load_tensor
 from retrieval.paths import user_path
+
+if TYPE_CHECKING:
+    from retrieval.store import Manifest
 
 
 def default_workers(runtime: Runtime) -> int:
@@ -84,3 +89,31 @@ def embed_files(
         if tensors:
             out.append(forward(backbone, runtime, transform, torch.stack(tensors), tta))
     return np.concatenate(out) if out else np.zeros((0, backbone.dim), np.float32)
+
+
+def load_recorded_backbone(manifest: Manifest) -> Backbone:
+    """The backbone an index was built with, so that queries embed like its database.
+
+    Refuses weights whose hash differs from the recorded one, and a preprocessing that differs.
+    """
+    w = manifest.weights
+    if w.kind == "pixels":
+        weights = None
+    elif w.kind == "checkpoint":
+        weights = manifest.checkpoint
+        if not weights or not Path(weights).exists():
+            raise RetrieveError(
+                f"The index was built with checkpoint {w.id} ({weights}), which is no longer there; "
+                "queries must be embedded with the same weights."
+            )
+    else:
+        weights = w.kind
+    backbone = load_backbone(manifest.backbone, weights, manifest.layer or None)
+    if backbone.weights.sha256 != w.sha256:
+        raise RetrieveError(
+            f"The weights now loaded for {manifest.backbone} (sha256 {backbone.weights.sha256[:12]}) differ "
+            f"from those the index was built with ({w.sha256[:12]}); re-index or restore the weights."
+        )
+    if backbone.preprocess != manifest.preprocess:
+        raise RetrieveError("The backbone's preprocessing differs from the one recorded in the index.")
+    return backbone

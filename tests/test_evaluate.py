@@ -396,7 +396,7 @@ def test_eval_real_subprocess(spaces: dict[str, Path]) -> None:
 def test_eval_without_index_uses_the_last_one(
     spaces: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from retrieval.api import remember_last_index
+    from retrieval.cli._indexes import remember_last_index
 
     monkeypatch.setenv("RETRIEVE_STATE_DIR", str(tmp_path / "state"))
     res = CliRunner().invoke(app, ["eval", "--json"])

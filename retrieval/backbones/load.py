@@ -50,8 +50,8 @@ def _read_checkpoint(path: str, name: str | None) -> Checkpoint:
     ckpt = load_checkpoint(path)
     if name is not None and name != ckpt.arch:
         raise CheckpointError(
-            f"Checkpoint {path} is a {ckpt.arch!r} model but --backbone {name} was given; "
-            f"drop --backbone or use --backbone {ckpt.arch}."
+            f"Checkpoint {path} is a {ckpt.arch!r} model but «backbone» {name} was given; "
+            f"drop «backbone» or use «backbone» {ckpt.arch}."
         )
     return ckpt
 
@@ -59,7 +59,7 @@ def _read_checkpoint(path: str, name: str | None) -> Checkpoint:
 def _pixels(spec: BackboneSpec, weights: str, layer: str | None) -> Backbone:
     """The pixel baseline, which has neither layers nor weights to choose."""
     if layer:
-        raise RetrieveError("The pixels backbone has no layers; drop --layer.")
+        raise RetrieveError("The pixels backbone has no layers; drop «layer».")
     if weights != "none":  # silently ignoring --weights imagenet would mislabel the index
-        raise RetrieveError("The pixels backbone has no weights; drop --weights.")
+        raise RetrieveError("The pixels backbone has no weights; drop «weights».")
     return Backbone(spec, Pixels(), spec.preprocess, WeightsInfo("pixels", "pixels", ""), "", spec.dim, None)

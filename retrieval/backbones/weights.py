@@ -79,7 +79,7 @@ def load_imagenet(spec: BackboneSpec) -> nn.Module:
 
     if spec.weights is None:
         raise WeightsUnavailableError(
-            f"{spec.name} has no ImageNet weights. Use --weights none (random init) or a checkpoint "
+            f"{spec.name} has no ImageNet weights. Use «weights» none (random init) or a checkpoint "
             f"from `retrieve train --arch {spec.name}`."
         )
     w = weights_enum(spec)
@@ -95,8 +95,8 @@ def load_imagenet(spec: BackboneSpec) -> nn.Module:
             f"downloaded ({type(exc).__name__}: {exc}).\n"
             f"  Place the file {file} at {target}\n"
             f"  (from {w.url}; set TORCH_HOME to use another cache), or use:\n"
-            f"  --weights none (random init), --weights CHECKPOINT.pt (from `retrieve train`), "
-            f"or --backbone pixels."
+            f"  «weights» none (random init), «weights» CHECKPOINT.pt (from `retrieve train`), "
+            f"or «backbone» pixels."
         ) from None
 
 
@@ -131,7 +131,7 @@ def checkpoint_model(spec: BackboneSpec, ckpt: Checkpoint, source: str) -> nn.Mo
     if not all(torch.isfinite(t).all() for t in ckpt.state_dict.values() if t.is_floating_point()):
         raise CheckpointError(
             f"Checkpoint {source} holds NaN or infinite weights (its training diverged); "
-            "its features would be meaningless. Train again with a lower --lr."
+            "its features would be meaningless. Train again with a lower «lr»."
         )
     return model
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from retrieval.errors import RetrieveError
+from retrieval.errors import RetrieveError, as_flags
 from retrieval.paths import user_path
 
 app = typer.Typer(
@@ -25,9 +25,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+class _Console(Console):
+    """A console that shows the settings named in library messages («image_size») as flags."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(as_flags(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
 # Results go to stdout; progress, notes and errors go to stderr, so `--json` output stays parseable.
-console = Console()
-err_console = Console(stderr=True)
+console = _Console()
+err_console = _Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +59,8 @@ def exits_cleanly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except RetrieveError as exc:
-            err_console.print(f"[bold red]error:[/] {esc(exc)}", highlight=False, soft_wrap=True)
+            # The library names settings («image_size»); here they become the flags the user typed.
+            err_console.print(f"[bold red]error:[/] {esc(exc.for_cli())}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -11,16 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from retrieval.cli._app import command, console, err_console, esc
+from retrieval.cli._indexes import IndexesArg, IndexesOpt, open_many, remember_last_index
 
 if TYPE_CHECKING:
     from retrieval.evaluate import SpaceResult
 
-IndexesArg = Annotated[
-    list[Path] | None,
-    typer.Argument(
-        help="Index directories, one per space. Default: the last index built.", show_default=False
-    ),
-]
 QueriesOpt = Annotated[
     Path | None,
     typer.Option(
@@ -47,10 +42,20 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _open(indexes: Sequence[Path] | None) -> list:
-    from retrieval.api import open_index
+def _embed_queries(spaces: Sequence, queries: Path, device: str, say: bool = True) -> list:
+    """The query folder embedded in each space; files that cannot be read are listed once and left out."""
+    from retrieval.evaluate import embed_query_folder
 
-    return [open_index(p) for p in indexes] if indexes else [open_index(None)]
+    sets = []
+    for idx in spaces:
+        if say:
+            err_console.print(
+                f"embedding queries from {queries} with {idx.path.name}", highlight=False, markup=False
+            )
+        sets.append(embed_query_folder(idx, queries, device=device))
+    for path, reason in sets[0].skipped:
+        err_console.print(f"[yellow]skipped query:[/] {esc(queries / path)}: {esc(reason)}", highlight=False)
+    return sets
 
 
 def _describe(results: Sequence[SpaceResult], queries: Path | None) -> str:
@@ -132,6 +137,7 @@ def results_csv(results: Sequence[SpaceResult]) -> str:
 @command("eval")
 def eval_cli(
     indexes: IndexesArg = None,
+    index_opt: IndexesOpt = None,
     queries: QueriesOpt = None,
     k: Annotated[str, typer.Option("--k", "-k", help="Cut-offs for P@k, R@k and kNN@k.")] = "1,5,10",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
@@ -152,26 +158,22 @@ def eval_cli(
     with the best value per column marked. Neighbours come from exact search.
     """
     from retrieval.errors import RetrieveError
-    from retrieval.evaluate import check_same_images, embed_query_folder, evaluate_indexes
+    from retrieval.evaluate import check_same_images, evaluate_indexes
 
     if as_json and as_csv:
         raise RetrieveError("Choose one of --json and --csv.")
     ks = parse_ks(k)
-    spaces = _open(indexes)
+    spaces = open_many(indexes, index_opt)
     check_same_images(spaces)  # before embedding any query
-    query_sets = None
-    if queries is not None:
-        query_sets = []
-        for idx in spaces:
-            err_console.print(
-                f"embedding queries from {queries} with {idx.path.name}", highlight=False, markup=False
-            )
-            query_sets.append(embed_query_folder(idx, queries, device=device))
+    query_sets = _embed_queries(spaces, queries, device) if queries is not None else None
     results = evaluate_indexes(spaces, query_sets, ks=ks, full_map=full_map)
     for note in dict.fromkeys(n for r in results for n in r.notes):
         err_console.print(f"[yellow]note:[/] {esc(note)}", highlight=False)
     if as_json:
-        console.print_json(json.dumps(results_json(results, ks)))
+        payload = results_json(results, ks)
+        if query_sets and query_sets[0].skipped:
+            payload["skipped_queries"] = [{"path": p, "reason": r} for p, r in query_sets[0].skipped]
+        console.print_json(json.dumps(payload))
     elif as_csv:
         typer.echo(results_csv(results), nl=False)
     else:
@@ -181,6 +183,7 @@ def eval_cli(
 @command("neighbours")
 def neighbours_cli(
     indexes: IndexesArg = None,
+    index_opt: IndexesOpt = None,
     queries: QueriesOpt = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Query images on the sheet (spread over labels).")] = 8,
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per query and space.")] = 5,
@@ -195,16 +198,14 @@ def neighbours_cli(
     Wrong-label neighbours are outlined in red. Writes a self-contained HTML page and a PNG.
     """
     from retrieval.errors import RetrieveError
-    from retrieval.evaluate import check_same_images, embed_query_folder
+    from retrieval.evaluate import check_same_images
     from retrieval.sheet import neighbour_blocks, write_sheet
 
     if n < 1 or k < 1:
         raise RetrieveError("--n and --k must be at least 1.")
-    spaces = _open(indexes)
+    spaces = open_many(indexes, index_opt)
     check_same_images(spaces)
-    query_sets = None
-    if queries is not None:
-        query_sets = [embed_query_folder(idx, queries, device=device) for idx in spaces]
+    query_sets = _embed_queries(spaces, queries, device, say=False) if queries is not None else None
     blocks = neighbour_blocks(
         spaces, query_sets, queries.absolute() if queries else None, n=n, k=k, seed=seed
     )
@@ -247,7 +248,6 @@ def demo_cli(
     from dataclasses import replace
 
     from pipelines.demo import DemoConfig, run_demo
-    from retrieval.api import remember_last_index
 
     config = DemoConfig(out=folder, device=device, fresh=fresh)
     overrides = {"epochs": epochs, "arch": arch, "per_class": per_class, "test_per_class": test_per_class}

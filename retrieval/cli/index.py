@@ -10,10 +10,7 @@ import typer
 from rich.table import Table
 
 from retrieval.cli._app import command, console, err_console, esc
-
-IndexOpt = Annotated[
-    Path | None, typer.Option("--index", "-i", help="Index directory. Default: the last index built.")
-]
+from retrieval.cli._indexes import IndexArg, IndexOpt, open_one, remember_last_index
 
 
 class _RichProgress:
@@ -117,7 +114,6 @@ def index_cli(
     stays readable and re-running the same command resumes where it stopped.
     """
     from pipelines.index_folder import build_index
-    from retrieval.api import remember_last_index
     from retrieval.backbones import DEFAULT_BACKBONE
     from retrieval.config import IndexConfig
 
@@ -173,46 +169,30 @@ def query_cli(
     A query that cannot be answered (an unreadable image, an id not in the index) is reported on
     stderr and the others are answered; the exit code is then 1 (2 when none could be).
     """
-    from retrieval.api import check_k, open_index
     from retrieval.errors import RetrieveError
+    from retrieval.query import Searcher, check_k
 
     if not images and not id:
         raise RetrieveError("Give image files to query, or --id for an image already in the index.")
     k = check_k(k)
-    idx = open_index(index)
-    answers: dict[int, list] = {}  # query position -> hits
-    failed: dict[int, str] = {}  # query position -> why not
-    queries = [str(p) for p in images or []] + list(id or [])
-    if images:
-        vectors = idx.embed(
-            list(images), device=device, on_bad=lambda i, exc: failed.__setitem__(i, str(exc))
-        )
-        good = [i for i in range(len(images)) if i not in failed]
-        answers.update(zip(good, idx.search_vectors(vectors, k), strict=True))
-    if id:
-        known: dict[int, int] = {}  # query position -> its id in the index
-        for j, ref in enumerate(id, len(images or [])):
-            try:
-                known[j] = idx.id_of(ref)
-            except RetrieveError as exc:
-                failed[j] = str(exc)
-        if known:
-            answers.update(zip(known, idx.search_ids(list(known.values()), k), strict=True))
-    for j in sorted(failed):
-        err_console.print(f"[bold red]error:[/] {esc(failed[j])}", highlight=False, soft_wrap=True)
-    results = [(queries[j], answers[j]) for j in sorted(answers)]
+    idx = open_one(option=index)
+    results = Searcher(idx, device=device).query(files=list(images or []), ids=list(id or []), k=k)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        err_console.print(f"[bold red]error:[/] {esc(r.error)}", highlight=False, soft_wrap=True)
+    answered = [r for r in results if r.ok]
     if as_json:
         payload = {
             "index": str(idx.path),
             "metric": idx.metric,
-            "results": [{"query": q, "neighbours": [h.to_dict() for h in hits]} for q, hits in results],
-            "errors": [{"query": queries[j], "error": failed[j]} for j in sorted(failed)],
+            "results": [{"query": r.query, "neighbours": [h.to_dict() for h in r.hits]} for r in answered],
+            "errors": [{"query": r.query, "error": r.error} for r in failed],
         }
         console.print_json(json.dumps(payload))
     else:
-        _print_results(idx, results)
+        _print_results(idx, [(r.query, r.hits) for r in answered])
     if failed:
-        raise typer.Exit(1 if answers else 2)
+        raise typer.Exit(1 if answered else 2)
 
 
 def _print_results(idx, results: list[tuple[str, list]]) -> None:  # idx: retrieval.api.Index
@@ -228,9 +208,8 @@ def _print_results(idx, results: list[tuple[str, list]]) -> None:  # idx: retrie
 
 @command("info")
 def info_cli(
-    index: Annotated[
-        Path | None, typer.Argument(help="Index directory. Default: the last index built.")
-    ] = None,
+    index: IndexArg = None,
+    index_opt: IndexOpt = None,
     skipped: Annotated[
         bool, typer.Option("--skipped", help="List every skipped file with its reason.")
     ] = False,
@@ -239,9 +218,7 @@ def info_cli(
     """What an index holds: backbone, weights, preprocessing, counts and skipped files."""
     from collections import Counter
 
-    from retrieval.api import open_index
-
-    idx = open_index(index)
+    idx = open_one(index, index_opt)
     m = idx.manifest
     if as_json:
         console.print_json(json.dumps({**m.to_dict(), "path": str(idx.path)}))

@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from retrieval.cli._app import command, err_console
+from retrieval.cli._indexes import IndexArg, IndexOpt, open_one
 
 
 @command("map")
 def map_cli(
-    index: Annotated[
-        Path | None, typer.Argument(help="Index directory. Default: the last index built.")
-    ] = None,
+    index: IndexArg = None,
+    index_opt: IndexOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="tsne, umap or pca.")] = "tsne",
     out: Annotated[
         Path | None,
@@ -58,7 +58,6 @@ def map_cli(
     nearest neighbours in the original feature space (as `retrieve query --id`), search by file
     name, toggle classes in the legend, lasso-select and copy paths.
     """
-    from retrieval.api import open_index
     from retrieval.maps import METHOD_NAMES, MapConfig, ProjectionParams, build_map, parse_grid
 
     shape = parse_grid(grid) if grid else None
@@ -81,7 +80,7 @@ def map_cli(
         cache=cache,
         title=title,
     )
-    idx = open_index(index)
+    idx = open_one(index, index_opt)
     report = build_map(idx, config, note=lambda s: err_console.print(s, highlight=False, markup=False))
     stages = ", ".join(
         f"{name} {sec:.1f}s{' (cached)' if report.cached.get(name) else ''}"

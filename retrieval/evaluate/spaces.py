@@ -75,7 +75,7 @@ def _query_side(
         if len(db) < 2:
             raise RetrieveError(
                 f"Leave-one-out evaluation needs at least 2 images; the index holds {len(db)}. "
-                "Index more images, or give a labelled query folder (--queries)."
+                "Index more images, or give a labelled query folder («queries»)."
             )
         return db, db_labels
     q_vecs = np.ascontiguousarray(queries, dtype=np.float32)
@@ -119,7 +119,7 @@ def _input_notes(db_labels: Sequence[str], n_queries: int, n_db: int, full_map: 
     if not full_map and n_queries * n_db > FULL_MAP_MAX_PAIRS:
         notes.append(
             f"mAP over the whole ranking skipped ({n_queries:,} x {n_db:,} pairs); "
-            "MAP@R is the cheaper summary (pass full_map=True / --full-map to compute it)"
+            "MAP@R is the cheaper summary (pass full_map=True / «full_map» to compute it)"
         )
     return notes
 
@@ -193,6 +193,9 @@ class QuerySet:
     vectors: np.ndarray
     labels: list[str]
     paths: list[str]
+    # Query files that could not be used, as (path relative to the folder, reason): a bad query
+    # costs that query only.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def space_name(index: Index) -> str:
@@ -229,15 +232,30 @@ def check_same_images(indexes: Sequence[Index]) -> None:
 
 
 def embed_query_folder(index: Index, folder: str | Path, device: str = "auto") -> QuerySet:
-    """Scan `folder` (label = parent folder) and embed its images with `index`'s backbone."""
+    """Scan `folder` (label = parent folder) and embed its images with `index`'s backbone.
+
+    A file that cannot be read is left out and listed in `skipped` with its reason; only a folder
+    with no usable image at all is an error.
+    """
     from retrieval.errors import EmptyInputError
     from retrieval.images import scan
 
-    entries, _ = scan(folder)
-    if not entries:
-        raise EmptyInputError(f"No query images found in {folder}.")
-    vectors = index.embed([e.path for e in entries], device=device)
-    return QuerySet(vectors, [e.label for e in entries], [e.relpath for e in entries])
+    entries, problems = scan(folder)
+    skipped = list(problems)
+    bad: dict[int, str] = {}
+    if entries:
+        vectors = index.embed(
+            [e.path for e in entries], device=device, on_bad=lambda i, exc: bad.__setitem__(i, str(exc))
+        )
+    good = [e for i, e in enumerate(entries) if i not in bad]
+    # The embedder's message starts with the file's path: the ledger keeps the reason alone.
+    skipped += [
+        (entries[i].relpath, why.removeprefix(f"{entries[i].path}: ")) for i, why in sorted(bad.items())
+    ]
+    if not good:
+        why = f" ({len(skipped)} unreadable: {skipped[0][0]}: {skipped[0][1]}, ...)" if skipped else ""
+        raise EmptyInputError(f"No query images found in {folder}{why}.")
+    return QuerySet(vectors, [e.label for e in good], [e.relpath for e in good], skipped)
 
 
 def evaluate_indexes(

@@ -60,9 +60,10 @@ def register_kind(kind: str, loader: Callable[[str | os.PathLike, str, dict[str,
 
 
 def load_index(path: str | os.PathLike, metric: str, record: dict[str, Any], where: str) -> VectorIndex:
-    """Open the index file `path` of the kind `record` names; `where` names the index in errors."""
-    import retrieval.index.exact  # noqa: F401  (registers the exact kind)
+    """Open the index file `path` of the kind `record` names; `where` names the index in errors.
 
+    Kinds register when their module is imported: `retrieval.index` imports every one.
+    """
     kind = record.get("type", "exact")
     if kind not in _KINDS:
         raise IndexFormatError(

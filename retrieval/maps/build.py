@@ -43,15 +43,15 @@ class MapConfig:
     def __post_init__(self) -> None:
         if self.color_by not in COLOR_BY:
             raise UnknownNameError(
-                f"Unknown --color-by {self.color_by!r}; choose one of {', '.join(COLOR_BY)}."
+                f"Unknown «color_by» {self.color_by!r}; choose one of {', '.join(COLOR_BY)}."
             )
         if self.max_points is not None and self.max_points < 1:
-            raise RetrieveError("--max-points must be at least 1")
+            raise RetrieveError("«max_points» must be at least 1")
         if self.k < 1:
             raise RetrieveError("k must be at least 1")
         if self.thumb_size is not None and (self.thumb_size % 16 or not 16 <= self.thumb_size <= 256):
             # Multiples of 16 keep every thumbnail on JPEG block boundaries: no colour bleeds between tiles.
-            raise RetrieveError("--thumb-size must be a multiple of 16 between 16 and 256")
+            raise RetrieveError("«thumb_size» must be a multiple of 16 between 16 and 256")
         if self.grid is not None and (self.grid[0] < 1 or self.grid[1] < 1):
             raise RetrieveError("the grid needs at least one column and one row")
         if self.jobs is not None and self.jobs < 1:
@@ -59,10 +59,10 @@ class MapConfig:
         # The file's name should say what is in it: a PNG named .html (or the reverse) opens as garbage.
         suffix = Path(self.out).suffix.lower()
         if self.grid is not None and suffix in (".html", ".htm"):
-            raise RetrieveError(f"--grid writes a PNG image; name the output .png, not {self.out}")
+            raise RetrieveError(f"«grid» writes a PNG image; name the output .png, not {self.out}")
         if self.grid is None and suffix == ".png":
             raise RetrieveError(
-                f"the map is an HTML page; name the output .html, not {self.out} (or add --grid for a PNG)"
+                f"the map is an HTML page; name the output .html, not {self.out} (or add «grid» for a PNG)"
             )
 
     @classmethod

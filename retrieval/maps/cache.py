@@ -129,7 +129,7 @@ def neighbour_table(
     out_d = np.full((len(ids), k), np.inf, np.float32)
     for s in range(0, len(ids), batch):
         q = np.asarray(ids[s : s + batch], dtype=np.int64)
-        d, nb = index.searcher.search(np.asarray(vectors[q], dtype=np.float32), kk)
+        d, nb = index.vector_index.search(np.asarray(vectors[q], dtype=np.float32), kk)
         nb, d = drop_self(nb, d, q, k)
         out_ids[s : s + len(q), : nb.shape[1]] = nb
         out_d[s : s + len(q), : d.shape[1]] = d

@@ -18,9 +18,9 @@ def parse_grid(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().replace("×", "x").split("x"))
     except ValueError:
-        raise RetrieveError(f"--grid takes COLUMNSxROWS, e.g. 40x40, not {text!r}") from None
+        raise RetrieveError(f"«grid» takes COLUMNSxROWS, e.g. 40x40, not {text!r}") from None
     if w < 1 or h < 1 or w * h > 1_000_000:
-        raise RetrieveError(f"--grid {text}: columns and rows must be >= 1 and at most a million cells")
+        raise RetrieveError(f"«grid» {text}: columns and rows must be >= 1 and at most a million cells")
     return w, h
 
 

@@ -46,7 +46,7 @@ class ProjectionParams:
         if self.tsne_early_iters < 0 or self.tsne_iters < 1:
             raise RetrieveError("t-SNE needs at least one iteration")
         if not 0 <= self.min_dist <= 1:  # UMAP's own check would be a traceback
-            raise RetrieveError(f"--min-dist must be between 0 and 1, not {self.min_dist}")
+            raise RetrieveError(f"«min_dist» must be between 0 and 1, not {self.min_dist}")
 
 
 def default_jobs() -> int:

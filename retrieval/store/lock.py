@@ -23,7 +23,7 @@ def writer_lock(index_dir: Path, warn: Callable[[str], None] = lambda message: N
     locks (some NFS mounts), the run goes on unlocked and `warn` says so.
     """
     if index_dir.exists() and not index_dir.is_dir():
-        raise IndexFormatError(f"{index_dir} is a file, not an index folder; choose another --index.")
+        raise IndexFormatError(f"{index_dir} is a file, not an index folder; choose another «index».")
     created = not index_dir.exists()
     index_dir.mkdir(parents=True, exist_ok=True)
     with _flock(index_dir / LOCK, warn):
@@ -52,7 +52,7 @@ def _flock(path: Path, warn: Callable[[str], None]) -> Iterator[None]:
             holder = fh.read().strip() or "unknown"
             raise RetrieveError(
                 f"Another `retrieve index` (pid {holder}) is writing to {index_dir}; wait for it to "
-                "finish, or write to another --index."
+                "finish, or write to another «index»."
             ) from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks, not another run
             unlockable = exc.strerror or str(exc)

@@ -75,7 +75,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.resume is None and (self.data is None or self.out is None):
-            raise RetrieveError("Give a data folder and an output run directory, or --resume RUN_DIR.")
+            raise RetrieveError("Give a data folder and an output run directory, or «resume» RUN_DIR.")
         if self.augment not in AUGMENTS:
             raise RetrieveError(
                 f"Unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTS)}."
@@ -87,44 +87,44 @@ class TrainConfig:
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise RetrieveError(f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         if self.pretrained not in (None, "imagenet"):
-            raise RetrieveError(f"--pretrained takes 'imagenet' (got {self.pretrained!r}).")
+            raise RetrieveError(f"«pretrained» takes 'imagenet' (got {self.pretrained!r}).")
         if self.channels not in (None, 1, 3):
-            raise RetrieveError("--channels must be 1 or 3.")
+            raise RetrieveError("«channels» must be 1 or 3.")
         if (self.epochs is not None and self.epochs < 1) or (
             self.batch_size is not None and self.batch_size < 1
         ):
             raise RetrieveError("epochs and batch size must be at least 1.")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise RetrieveError("--val-fraction must be in [0, 1).")
+            raise RetrieveError("«val_fraction» must be in [0, 1).")
         if self.image_size is not None and self.image_size < 8:
-            raise RetrieveError("--image-size must be at least 8.")
+            raise RetrieveError("«image_size» must be at least 8.")
         if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
-            raise RetrieveError("--label-smoothing must be in [0, 1).")
+            raise RetrieveError("«label_smoothing» must be in [0, 1).")
         if self.crop_pad is not None and self.crop_pad < 0:
-            raise RetrieveError("--crop-pad must be 0 or more pixels.")
+            raise RetrieveError("«crop_pad» must be 0 or more pixels.")
         if self.tta and not self.flip:
-            raise RetrieveError("--tta averages each image with its mirror; it needs --flip.")
+            raise RetrieveError("«tta» averages each image with its mirror; it needs «flip».")
         if self.norm_bias_lr_scale is not None and self.norm_bias_lr_scale <= 0:
-            raise RetrieveError("--norm-bias-lr-scale must be above 0.")
+            raise RetrieveError("«norm_bias_lr_scale» must be above 0.")
         if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
-            raise RetrieveError("--stop-after-epochs must be at least 1.")
+            raise RetrieveError("«stop_after_epochs» must be at least 1.")
         # NaN passes every `<` test, so each bound is written as what must hold.
         checks = [
-            ("--lr", self.lr, lambda v: 0 < v < math.inf, "a positive finite number"),
+            ("«lr»", self.lr, lambda v: 0 < v < math.inf, "a positive finite number"),
             (
-                "--weight-decay",
+                "«weight_decay»",
                 self.weight_decay,
                 lambda v: 0 <= v < math.inf,
                 "0 or a positive finite number",
             ),
-            ("--warmup-epochs", self.warmup_epochs, lambda v: 0 <= v < math.inf, "0 or more epochs"),
-            ("--grad-clip", self.grad_clip, lambda v: 0 < v < math.inf, "a positive finite norm"),
+            ("«warmup_epochs»", self.warmup_epochs, lambda v: 0 <= v < math.inf, "0 or more epochs"),
+            ("«grad_clip»", self.grad_clip, lambda v: 0 < v < math.inf, "a positive finite norm"),
         ]
         for flag, value, ok, what in checks:
             if value is not None and not ok(value):
                 raise RetrieveError(f"{flag} must be {what}, not {value}.")
         if not 0 <= self.seed < 2**63:
-            raise RetrieveError(f"--seed must be in [0, 2**63), not {self.seed}.")
+            raise RetrieveError(f"«seed» must be in [0, 2**63), not {self.seed}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able (paths as strings): written to config.json and into every checkpoint."""

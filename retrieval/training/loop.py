@@ -187,7 +187,7 @@ def _end_epoch(
         # Checked before saving: last.pt and best.pt keep the last finite epoch.
         raise RetrieveError(
             f"Training diverged: the loss became {train_loss} in epoch {epoch + 1}. Start a new "
-            f"run with a lower --lr (this one used {config.lr:g}) or with --grad-clip 1."
+            f"run with a lower «lr» (this one used {config.lr:g}) or with «grad_clip» 1."
         )
     train_acc = (int(carried["correct"]) + int(sums.correct)) / max(1, total_seen)
     val_loss = val_acc = None

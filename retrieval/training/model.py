@@ -37,7 +37,7 @@ def build_model(
         return spec.builder(num_classes, in_channels), None
     if spec.weights is None:
         raise RetrieveError(
-            f"{spec.name} has no ImageNet weights to fine-tune; drop --pretrained to train it from scratch."
+            f"{spec.name} has no ImageNet weights to fine-tune; drop «pretrained» to train it from scratch."
         )
     from retrieval.backbones import fold_transform_input, imagenet_preprocess, load_imagenet
     from retrieval.errors import WeightsUnavailableError
@@ -48,7 +48,7 @@ def build_model(
         # The registry's message ends with index flags; say what applies to training instead.
         first = str(exc).split(", or use:")[0]
         raise WeightsUnavailableError(
-            f"{first}.\n  Or train from scratch: drop --pretrained (small images: --arch resnet8_small)."
+            f"{first}.\n  Or train from scratch: drop «pretrained» (small images: «arch» resnet8_small)."
         ) from None
     pre = imagenet_preprocess(spec)
     if spec.transform_input:
@@ -80,7 +80,7 @@ def probe(model: nn.Module, name: str, channels: int, size: int, runtime: Runtim
             model(torch.zeros(2, channels, size, size, device=runtime.device))
     except RuntimeError as exc:
         raise RetrieveError(
-            f"{name} cannot take {size}x{size} inputs ({first_line(exc, 160)}); use a larger --image-size."
+            f"{name} cannot take {size}x{size} inputs ({first_line(exc, 160)}); use a larger «image_size»."
         ) from None
     finally:
         model.train()

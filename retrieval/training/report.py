@@ -11,6 +11,7 @@ import numpy as np
 
 from retrieval.atomic import write_json
 from retrieval.preprocess import Preprocess
+from retrieval.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,12 @@ class TrainResult:
     finished: bool = True  # every epoch of the schedule is done (not stopped by --stop-after-epochs)
 
 
-class TrainReporter:
-    """Progress callbacks; the library prints nothing itself. The CLI renders these with rich."""
+class TrainReporter(Progress):
+    """The progress protocol plus training's own callbacks; the CLI renders these with rich."""
 
     def message(self, text: str) -> None:
-        """A note for the user (data found, device, fallbacks)."""
+        """A note for the user (data found, device, fallbacks): `note` by default."""
+        self.note(text)
 
     def step(self, epoch: int, step: int, steps: int) -> None:
         """After each optimiser step (1-based `step` within 0-based `epoch`)."""

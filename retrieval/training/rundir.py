@@ -55,18 +55,18 @@ def new_run_dir(out: Path, overwrite: bool) -> Path:
     """The folder for a new run at `out`, refused while it holds a run or other files (unless `overwrite`)."""
     run_dir = user_path(out)
     if run_dir.exists() and not run_dir.is_dir():
-        raise RetrieveError(f"--out {run_dir} is a file; give a folder for the run.")
+        raise RetrieveError(f"«out» {run_dir} is a file; give a folder for the run.")
     # A run killed before its first epoch ended left no state worth keeping: start it afresh.
     has_run = (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists()
     if has_run and not overwrite:
         raise RetrieveError(
-            f"{run_dir} already holds a training run. Continue it with --resume {run_dir}, "
-            "choose another --out, or pass --overwrite."
+            f"{run_dir} already holds a training run. Continue it with «resume» {run_dir}, "
+            "choose another «out», or pass «overwrite»."
         )
     if not has_run and not overwrite and holds_other_files(run_dir):
         raise RetrieveError(
             f"{run_dir} holds files that are not a `retrieve train` run; a run writes config.json, "
-            "report.txt and more there. Choose a new or empty --out, or pass --overwrite."
+            "report.txt and more there. Choose a new or empty «out», or pass «overwrite»."
         )
     return run_dir
 

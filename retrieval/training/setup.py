@@ -204,7 +204,7 @@ def _channels(config: TrainConfig, ckpt: Checkpoint | None, paths: list[Path], r
         return config.channels
     channels = 1 if all_greyscale(paths) else 3
     if channels == 1:
-        rep.message("every image is greyscale: training on 1 channel (override with --channels 3)")
+        rep.message("every image is greyscale: training on 1 channel (override with «channels» 3)")
     return channels
 
 
@@ -215,11 +215,11 @@ def _sizes(config: TrainConfig, spec: BackboneSpec, weights_pre: Preprocess | No
     if spec.fixed_size is not None and size != spec.fixed_size:
         title = spec.description.split(" ")[0] or spec.name  # "LeNet-5"
         raise RetrieveError(
-            f"{title} takes {spec.fixed_size}x{spec.fixed_size} inputs; use --image-size "
+            f"{title} takes {spec.fixed_size}x{spec.fixed_size} inputs; use «image_size» "
             f"{spec.fixed_size} (smaller images are upscaled)."
         )
     if config.crop_pad is not None and config.crop_pad >= size:
-        raise RetrieveError(f"--crop-pad {config.crop_pad} must be smaller than the {size} px training side.")
+        raise RetrieveError(f"«crop_pad» {config.crop_pad} must be smaller than the {size} px training side.")
     mode = config.augment if config.augment != "auto" else ("crop" if size <= 64 else "rrc")
     # rrc zooms into a slightly larger stored image; evaluation centre-crops it (the 224/256 rule).
     stored = round(size / 0.875) if mode == "rrc" else size

@@ -106,8 +106,8 @@ def resume_config(config: TrainConfig) -> tuple[TrainConfig, Checkpoint, Path]:
     ]
     if conflicts:
         raise RetrieveError(
-            f"--resume continues {ckpt_path.parent} as it was started; it cannot change "
-            f"{'; '.join(conflicts)}. Start a new run (--out) to train differently."
+            f"«resume» continues {ckpt_path.parent} as it was started; it cannot change "
+            f"{'; '.join(conflicts)}. Start a new run («out») to train differently."
         )
     overrides = {k: getattr(config, k) for k in RESUME_OVERRIDES}
     if config.data is not None:

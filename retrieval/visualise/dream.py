@@ -60,7 +60,7 @@ class DreamConfig:
             raise RetrieveError(f"blur-every must be at least 0 (0 = never), not {self.blur_every}")
         if self.blur_every and not 0 < self.blur_sigma < math.inf:
             raise RetrieveError(
-                f"blur sigma must be positive, not {self.blur_sigma} (use --blur-every 0 for no blur)"
+                f"blur sigma must be positive, not {self.blur_sigma} (use «blur_every» 0 for no blur)"
             )
         if self.size is not None and self.size < 8:
             raise RetrieveError("size must be at least 8 pixels")
@@ -164,7 +164,7 @@ def dream(
     A unit without `neuron` is its whole channel (mean over positions); with `neuron` one position.
     """
     if target.kind == "predicted":
-        raise RetrieveError("Dream needs a class (--class N) or a unit (--layer L --channel C).")
+        raise RetrieveError("Dream needs a class («class» N) or a unit («layer» L «channel» C).")
     runtime = resolve_runtime(config.device, "float32")
     dev = runtime.device
     probe = Probe(vm.model, target.layers, guided=False).to(dev)

@@ -72,9 +72,9 @@ def filters(
     if mode == "auto":
         mode = {3: "rgb", 1: "grey"}.get(cin, "mean")
     if mode == "rgb" and cin != 3:
-        raise RetrieveError(f"{name} filters have {cin} input channels, not 3; use --mode mean or channels.")
+        raise RetrieveError(f"{name} filters have {cin} input channels, not 3; use «mode» mean or channels.")
     if mode == "grey" and cin != 1:
-        raise RetrieveError(f"{name} filters have {cin} input channels, not 1; use --mode mean or channels.")
+        raise RetrieveError(f"{name} filters have {cin} input channels, not 1; use «mode» mean or channels.")
     w = w[:max_filters].numpy()
     count = w.shape[0]
     cols = None
@@ -159,7 +159,7 @@ def top_patches(
     decodes each file (default: PIL).
     """
     if n < 1:
-        raise RetrieveError("--n must be at least 1")
+        raise RetrieveError("«n» must be at least 1")
     entries, problems = list_images(path)
     runtime = resolve_runtime(device, "float32")
     probe = Probe(vm.model, [layer]).to(runtime.device)

@@ -315,9 +315,9 @@ class Target:
         if self.kind == "class" and self.class_index is None:
             raise RetrieveError("A class target needs a class index.")
         if self.kind == "unit" and (self.layer is None or self.channel is None):
-            raise RetrieveError("A unit target needs a layer and a channel (--layer L --channel C).")
+            raise RetrieveError("A unit target needs a layer and a channel («layer» L «channel» C).")
         if self.kind != "unit" and self.neuron is not None:
-            raise RetrieveError("--neuron only applies with --layer and --channel.")
+            raise RetrieveError("«neuron» only applies with «layer» and «channel».")
 
     @classmethod
     def predicted(cls) -> Target:
@@ -368,7 +368,7 @@ def target_scores(
         if target.neuron is not None:
             if unit.ndim != 3:
                 raise RetrieveError(
-                    f"{target.layer} has no spatial map (shape {list(act.shape[1:])}); drop --neuron."
+                    f"{target.layer} has no spatial map (shape {list(act.shape[1:])}); drop «neuron»."
                 )
             y, x = target.neuron
             h, w = unit.shape[1:]

@@ -62,7 +62,7 @@ def default_cam_layer(model: nn.Module, input_shape: tuple[int, ...]) -> str:
         for h in handles:
             h.remove()
     if not order:
-        raise RetrieveError("No layer of this model has a spatial map for Grad-CAM; pass --cam-layer.")
+        raise RetrieveError("No layer of this model has a spatial map for Grad-CAM; pass «cam_layer».")
     return order[-1]
 
 
@@ -161,14 +161,14 @@ class Saliency:
             if act.ndim != 4:
                 raise RetrieveError(
                     f"Grad-CAM layer {self.cam_layer} has no spatial map (shape {list(act.shape[1:])}); "
-                    "choose a convolutional layer with --cam-layer."
+                    "choose a convolutional layer with «cam_layer»."
                 )
             scores, chosen = target_scores(out, self.target)
             (grad,) = torch.autograd.grad(scores.sum(), act, allow_unused=True)
         if grad is None:
             raise RetrieveError(
                 f"The target ({self.target.describe()}) does not depend on Grad-CAM layer "
-                f"{self.cam_layer}: choose a --cam-layer that comes before {self.target.layer}."
+                f"{self.cam_layer}: choose a «cam_layer» that comes before {self.target.layer}."
             )
         act, grad = act.detach().float(), grad.float()
         weights = grad.mean(dim=(2, 3), keepdim=True)  # alpha_k: global-average-pooled gradients
