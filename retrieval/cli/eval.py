@@ -54,7 +54,9 @@ def _embed_queries(spaces: Sequence, queries: Path, device: str, say: bool = Tru
             )
         sets.append(embed_query_folder(idx, queries, device=device))
     for path, reason in sets[0].skipped:
-        err_console.print(f"[yellow]skipped query:[/] {esc(queries / path)}: {esc(reason)}", highlight=False)
+        err_console.print(
+            f"[yellow]skipped query:[/] {esc(queries / path)}: {esc(reason)}", highlight=False, soft_wrap=True
+        )
     return sets
 
 
