@@ -106,7 +106,7 @@ def test_offline_imagenet_weights_give_an_actionable_message(monkeypatch: pytest
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsUnavailableError) as info:
         load_backbone("resnet18", "imagenet")
-    msg = str(info.value)
+    msg = info.value.for_cli()  # as the command line says it: settings shown as flags
     assert "resnet18-f37072fd.pth" in msg and "hub/checkpoints" in msg
     assert "--weights none" in msg and "--backbone pixels" in msg
     with pytest.raises(WeightsUnavailableError, match="no ImageNet weights"):

@@ -485,7 +485,7 @@ def test_resume_refuses_flags_that_change_the_run_and_says_when_it_is_done(
     from retrieval.training import TrainConfig, train
 
     _train(small, tmp_path / "run")
-    with pytest.raises(RetrieveError, match=r"cannot change --epochs 3 \(the run has 2\).*--optimizer adamw"):
+    with pytest.raises(RetrieveError, match=r"cannot change epochs 3 \(the run has 2\).*optimizer adamw"):
         train(TrainConfig(data=None, out=None, resume=tmp_path / "run", epochs=3, optimizer="adamw"))
     notes: list[str] = []
 
@@ -557,7 +557,7 @@ def test_bad_training_numbers_are_refused_up_front(field: str, value: float, mes
 
 
 def test_bad_training_setups_are_one_clear_line(small: Path, tmp_path: Path) -> None:
-    with pytest.raises(RetrieveError, match="--crop-pad 100 must be smaller than the 32 px"):
+    with pytest.raises(RetrieveError, match="crop_pad 100 must be smaller than the 32 px"):
         _train(small, tmp_path / "a", crop_pad=100)
     with pytest.raises(RetrieveError, match="no ImageNet weights to fine-tune"):
         _train(small, tmp_path / "b", pretrained="imagenet")
@@ -646,7 +646,7 @@ def test_resume_accepts_flags_that_restate_what_the_run_chose(small: Path, tmp_p
     _train(small, tmp_path / "run", epochs=2, stop_after_epochs=1)  # image size and channels chosen
     done = train(TrainConfig(data=None, out=None, resume=tmp_path / "run", image_size=32, channels=1))
     assert done.finished
-    with pytest.raises(RetrieveError, match=r"--image-size 64 \(the run has 32\)"):
+    with pytest.raises(RetrieveError, match=r"image_size 64 \(the run has 32\)"):
         train(TrainConfig(data=None, out=None, resume=tmp_path / "run", image_size=64))
 
 

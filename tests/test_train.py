@@ -315,7 +315,7 @@ def test_norm_bias_lr_scale_speeds_up_only_the_norm_shifts() -> None:
     saved = TrainConfig(data=Path("."), out=Path("."), arch="airnet_small").to_dict()
     del saved["norm_bias_lr_scale"]
     assert with_recipe(TrainConfig.from_dict(saved)).norm_bias_lr_scale == 1.0
-    with pytest.raises(RetrieveError, match="--norm-bias-lr-scale"):
+    with pytest.raises(RetrieveError, match="norm_bias_lr_scale"):
         TrainConfig(data=Path("."), out=Path("."), norm_bias_lr_scale=0)
 
 
@@ -347,9 +347,9 @@ def test_flip_tta_validates_on_the_mean_logits_of_image_and_mirror() -> None:
         assert loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
         assert conf.sum() == 40
     assert results[True][0] != pytest.approx(results[False][0], rel=1e-5)  # the mirror really was used
-    with pytest.raises(RetrieveError, match="--flip"):
+    with pytest.raises(RetrieveError, match="needs flip"):
         TrainConfig(data=Path("."), out=Path("."), tta=True, flip=False)
-    with pytest.raises(RetrieveError, match="--crop-pad"):
+    with pytest.raises(RetrieveError, match="crop_pad"):
         TrainConfig(data=Path("."), out=Path("."), crop_pad=-1)
 
 

@@ -100,7 +100,7 @@ def resume_config(config: TrainConfig) -> tuple[TrainConfig, Checkpoint, Path]:
         return chosen.get(k, value) if value is None else value
 
     conflicts = [
-        f"--{k.replace('_', '-')} {getattr(config, k)} (the run has {ran_with(k)})"
+        f"«{k}» {getattr(config, k)} (the run has {ran_with(k)})"
         for k, default in fixed.items()
         if getattr(config, k) != default and getattr(config, k) != ran_with(k)
     ]
