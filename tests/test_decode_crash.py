@@ -26,7 +26,7 @@ from retrieval.api import open_index
 from retrieval.cli import app
 from retrieval.config import IndexConfig
 from retrieval.errors import BadImageError, RetrieveError
-from retrieval.images import IsolationPolicy, PILDecoder, Transform
+from retrieval.images import IsolationPolicy, PILDecoder, Transform, scan
 
 # decode_all forks its processes on Linux only; elsewhere each one imports torch again (seconds
 # per restart), too slow for a test that makes a process die file after file.
@@ -160,6 +160,24 @@ def test_files_that_crash_the_decoder_are_skipped_and_the_rest_indexed(tmp_path:
     np.testing.assert_array_equal(got.vectors()[got.paths.index("c1/zz-late.png")], want.vectors()[-1])
     # One warning per crash of the fast loader: one or two, as the crashes fall in one window or two.
     assert progress.warnings and all("a decoding process died" in w for w in progress.warnings)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crash_in_the_middle_of_a_batch_costs_that_file_only(tmp_path: Path, workers: int) -> None:
+    """The crashing file is the second of its batch and of its isolation range, not the first."""
+    clean = _folder(tmp_path / "clean", n=10)  # c0: 00 02 04 06 08, c1: 01 03 05 07 09
+    _pixels(clean, tmp_path / "oracle", workers=0)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(clean, hostile)
+    shutil.copy(clean / "c0" / "00.png", hostile / "c0" / "boom-mid.png")  # scan position 5 of 11
+    report = _pixels(hostile, tmp_path / "idx", _Warnings(), _Hostile(), workers=workers, batch_size=4)
+    got, want = open_index(tmp_path / "idx"), open_index(tmp_path / "oracle")
+    position = [e.relpath for e in scan(hostile)[0]].index("c0/boom-mid.png")
+    assert position % 4 == 1  # in the middle of batch [4, 8): c0/08.png comes before it
+    assert [r["path"] for r in got.skipped()] == ["c0/boom-mid.png"] and report.indexed == 10
+    # The file before it in the same batch and those after it are indexed once, as a clean run does.
+    assert got.paths == want.paths
+    np.testing.assert_array_equal(got.vectors(), want.vectors())
 
 
 class _StopAfter(_Warnings):

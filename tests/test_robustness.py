@@ -552,8 +552,10 @@ def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_split(small: Pa
 def test_bad_training_numbers_are_refused_up_front(field: str, value: float, message: str) -> None:
     from retrieval.training import TrainConfig
 
-    with pytest.raises(RetrieveError, match=message):
+    with pytest.raises(RetrieveError) as caught:
         TrainConfig(data=Path("."), out=Path("x"), **{field: value})
+    assert message in caught.value.for_cli()  # as the command line says it
+    assert message.replace("--", "").replace("-", "_") in str(caught.value)  # the library names the setting
 
 
 def test_bad_training_setups_are_one_clear_line(small: Path, tmp_path: Path) -> None:

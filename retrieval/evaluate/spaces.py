@@ -239,14 +239,13 @@ def embed_query_folder(index: Index, folder: str | Path, device: str = "auto") -
     """
     from retrieval.errors import EmptyInputError
     from retrieval.images import scan
+    from retrieval.query import Searcher
 
     entries, problems = scan(folder)
     skipped = list(problems)
     bad: dict[int, str] = {}
     if entries:
-        vectors = index.embed(
-            [e.path for e in entries], device=device, on_bad=lambda i, exc: bad.__setitem__(i, str(exc))
-        )
+        vectors, bad = Searcher(index, device=device).embed([e.path for e in entries])
     good = [e for i, e in enumerate(entries) if i not in bad]
     # The embedder's message starts with the file's path: the ledger keeps the reason alone.
     skipped += [
