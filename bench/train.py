@@ -27,6 +27,7 @@ import torch
 
 from retrieval.backbones import get_spec
 from retrieval.device import machine_summary, resolve_runtime
+from retrieval.errors import as_flags
 from retrieval.training import EpochStats, TrainConfig, TrainReporter, train, with_recipe
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -42,7 +43,7 @@ class Curve(TrainReporter):
         self.reached: float | None = None
 
     def message(self, text: str) -> None:
-        print(f"  . {text}", flush=True)
+        print(f"  . {as_flags(text)}", flush=True)  # library messages name settings «like_this»
 
     def epoch(self, s: EpochStats) -> None:
         wall = time.perf_counter() - self.t0

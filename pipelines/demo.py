@@ -227,7 +227,7 @@ def _write_map(index: Path, out: Path, progress: DemoProgress) -> Path | None:
         # A stratified sample keeps t-SNE to seconds; the page still shows every class.
         build_map(open_index(index), MapConfig(out=out, max_points=2000), note=progress.note)
     except RetrieveError as exc:  # the map is a bonus: the demo's result stands without it
-        progress.note(f"map skipped: {exc}")
+        progress.note(f"map skipped: {exc.for_cli()}")  # the demo speaks to the command line
         return None
     return out
 

@@ -83,11 +83,17 @@ class Searcher:
             results += [QueryResult(f"vector {i}", h) for i, h in enumerate(hits)]
         return results
 
-    def _files(self, files: list[str | os.PathLike], k: int) -> list[QueryResult]:
+    def embed(self, files: Sequence[str | os.PathLike]) -> tuple[np.ndarray, dict[int, str]]:
+        """Vectors of the files that could be read, in order, and why each other one could not
+        (position in `files` -> message); what `eval --queries` and `neighbours --queries` embed with."""
         failed: dict[int, str] = {}
         vectors = self.index.embed(
-            files, device=self.device, on_bad=lambda i, exc: failed.__setitem__(i, str(exc))
+            list(files), device=self.device, on_bad=lambda i, exc: failed.__setitem__(i, str(exc))
         )
+        return vectors, failed
+
+    def _files(self, files: list[str | os.PathLike], k: int) -> list[QueryResult]:
+        vectors, failed = self.embed(files)
         good = [i for i in range(len(files)) if i not in failed]
         answers = dict(zip(good, self.index.search_vectors(vectors, k), strict=True)) if good else {}
         return [QueryResult(str(f), answers.get(i), failed.get(i)) for i, f in enumerate(files)]

@@ -53,6 +53,14 @@ def _embed_queries(spaces: Sequence, queries: Path, device: str, say: bool = Tru
                 f"embedding queries from {queries} with {idx.path.name}", highlight=False, markup=False
             )
         sets.append(embed_query_folder(idx, queries, device=device))
+        if sets[-1].paths != sets[0].paths:  # a file one backbone read and another could not
+            from retrieval.errors import RetrieveError
+
+            odd = sorted(set(sets[-1].paths) ^ set(sets[0].paths))
+            raise RetrieveError(
+                f"The query images that could be read differ between {spaces[0].path.name} and "
+                f"{idx.path.name} ({', '.join(odd[:5])}); the spaces must be compared on the same queries."
+            )
     for path, reason in sets[0].skipped:
         err_console.print(
             f"[yellow]skipped query:[/] {esc(queries / path)}: {esc(reason)}", highlight=False, soft_wrap=True

@@ -119,7 +119,7 @@ def _input_notes(db_labels: Sequence[str], n_queries: int, n_db: int, full_map: 
     if not full_map and n_queries * n_db > FULL_MAP_MAX_PAIRS:
         notes.append(
             f"mAP over the whole ranking skipped ({n_queries:,} x {n_db:,} pairs); "
-            "MAP@R is the cheaper summary (pass full_map=True / «full_map» to compute it)"
+            "MAP@R is the cheaper summary (pass full_map=True / --full-map to compute it)"
         )
     return notes
 
