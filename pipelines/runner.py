@@ -90,7 +90,7 @@ def run(
 ) -> int:
     """Run the job's stages over `entries` on `engine`; returns how many files were mapped."""
     if engine not in ENGINES:
-        raise RetrieveError(f"Unknown «engine» {engine!r}; available: {', '.join(ENGINES)}.")
+        raise RetrieveError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
     return ENGINES[engine](
         entries, make_mapper, writer, settings, progress or Progress(), timer or StageTimer()
     )

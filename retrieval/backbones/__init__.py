@@ -17,9 +17,7 @@ from retrieval.backbones.weights import (
 )
 from retrieval.preprocess import Preprocess
 
-# Old names, kept while their callers move: retrieval/train.py imports _load_imagenet (now
-# load_imagenet), and callers from before retrieval/preprocess.py took Preprocess from here.
-_load_imagenet = load_imagenet
+# Preprocess is re-exported: callers from before retrieval/preprocess.py took it from here.
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -27,7 +25,6 @@ __all__ = [
     "BackboneSpec",
     "Preprocess",
     "WeightsInfo",
-    "_load_imagenet",
     "feature_nodes",
     "fold_transform_input",
     "get_spec",

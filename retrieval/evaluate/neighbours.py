@@ -40,7 +40,7 @@ def exact_neighbours(
     return dist, ids
 
 
-def neighbour_blocks(
+def search_in_blocks(
     db: np.ndarray, queries: np.ndarray, depth: int, metric: str, leave_one_out: bool
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """(rows, distances, ids) of the `depth` nearest database rows, block by block of queries (each

@@ -18,7 +18,7 @@ from retrieval.evaluate.metrics import (
     ranked_metrics,
     relevant_counts,
 )
-from retrieval.evaluate.neighbours import full_average_precision, neighbour_blocks
+from retrieval.evaluate.neighbours import full_average_precision, search_in_blocks
 
 if TYPE_CHECKING:
     from retrieval.api import Index
@@ -102,7 +102,7 @@ def _ranked_per_query(
     per_query: dict[str, np.ndarray] = {n: np.zeros(len(q_vecs)) for n in names}
     depth = min(max(ks[-1], int(n_rel.max(initial=0))), len(db) - (1 if loo else 0))
     tied = 0
-    for rows, dist, ids in neighbour_blocks(db, q_vecs, depth, metric, loo):
+    for rows, dist, ids in search_in_blocks(db, q_vecs, depth, metric, loo):
         tied += count_tied(dist, ks[-1])
         for n, values in ranked_metrics(ids, q_codes[rows], n_rel[rows], db_codes, ks).items():
             per_query[n][rows] = values

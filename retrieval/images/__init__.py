@@ -13,7 +13,7 @@ from retrieval.images.decode import (
 from retrieval.images.isolate import decode_all
 from retrieval.images.loader import CRASH_SIGNALS, Batch, ImageDataset, collate, file_row
 from retrieval.images.policy import IsolationPolicy
-from retrieval.images.scan import IMAGE_EXTENSIONS, ImageFileEntry, is_index_dir, label_of, scan
+from retrieval.images.scanning import IMAGE_EXTENSIONS, ImageFileEntry, is_index_dir, label_of, scan
 from retrieval.images.thumbs import placeholder, square_thumbnail
 
 __all__ = [

@@ -27,7 +27,7 @@ from retrieval.images.loader import (
     file_row,
 )
 from retrieval.images.policy import IsolationPolicy
-from retrieval.images.scan import ImageFileEntry
+from retrieval.images.scanning import ImageFileEntry
 
 
 def decode_all(

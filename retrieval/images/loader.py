@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from retrieval.errors import BadImageError
 from retrieval.images.decode import Decoder, PILDecoder, Transform
 from retrieval.images.policy import IsolationPolicy
-from retrieval.images.scan import ImageFileEntry
+from retrieval.images.scanning import ImageFileEntry
 
 # What a C decoder's crash looks like from outside (a damaged file in libjpeg, libpng, libtiff,
 # libwebp). A process killed otherwise (SIGKILL from the OOM killer, an exit) says nothing about

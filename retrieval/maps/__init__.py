@@ -1,7 +1,8 @@
 """Embedding maps: project vectors to 2-D (PCA, t-SNE, UMAP), snap them to a grid, render HTML or PNG.
 
 Modules, lowest first: `projection` (pure), `grid` (pure assignment + the PNG), `atlas` (thumbnails),
-`page` (the HTML page, its assets in `assets/`), `cache` (in the index directory), `build` (the jobs).
+`page` (the HTML page, its assets in `assets/`), `write` (atomic output files), `cache` (in the
+index directory), `build` (the jobs).
 """
 
 from retrieval.maps.atlas import ATLAS_SIDE, atlas_columns, default_thumb_size, make_atlases, read_thumbnails
