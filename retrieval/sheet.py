@@ -53,17 +53,25 @@ class QueryBlock:
 
 
 def pick_queries(labels: Sequence[str], n: int, seed: int = 0) -> list[int]:
-    """`n` positions spread over the labels: one per label in turn (sorted labels, seeded order within)."""
+    """`n` positions spread evenly over the labels, seeded: each round draws one image from every
+    label still holding one, and a last partial round draws its labels at random, so with 17
+    classes and n=8 the seed decides which 8 classes show (not always the first 8 in text order)."""
+    from retrieval.text import natural_key
+
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[int]] = {}
     for i, lab in enumerate(labels):
         by_label.setdefault(lab, []).append(i)
-    queues = [list(rng.permutation(by_label[lab])) for lab in sorted(by_label)]
+    order = sorted(by_label, key=natural_key)
+    queues = {lab: [int(i) for i in rng.permutation(by_label[lab])] for lab in order}
     picked: list[int] = []
     while len(picked) < min(n, len(labels)):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(int(q.pop(0)))
+        live = [lab for lab in order if queues[lab]]
+        room = n - len(picked)
+        if room < len(live):  # the partial round: which labels, at random; shown in label order
+            keep = set(rng.choice(len(live), room, replace=False).tolist())
+            live = [lab for j, lab in enumerate(live) if j in keep]
+        picked.extend(queues[lab].pop(0) for lab in live)
     return picked
 
 

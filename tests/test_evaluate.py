@@ -300,6 +300,30 @@ def test_eval_cli_queries_table_and_csv(spaces: dict[str, Path]) -> None:
     assert lines[1].split(",")[1] == "queries"
 
 
+@pytest.mark.parametrize("columns", [80, 100, 240])
+def test_eval_table_fits_the_terminal_and_shows_every_number_whole(
+    spaces: dict[str, Path], columns: int
+) -> None:
+    # At 80 columns rich used to squeeze every cell of the 12-metric table to `0.…`.
+    args = ["eval", str(spaces["pixels"]), str(spaces["lenet"])]
+    runner = CliRunner()
+    payload = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    res = runner.invoke(app, args, env={"COLUMNS": str(columns)})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    assert "…" not in res.stdout
+    header_cells = [c.strip() for line in lines if "space" in line for c in line.split("┃") if c.strip()]
+    names = [n for n in header_cells if n not in ("space", "dim")]
+    assert sorted(names) == sorted(payload["spaces"][0]["metrics"])  # every metric, once
+    assert names[:2] == ["P@10", "MAP@R"]  # the most telling first
+    for row in payload["spaces"]:
+        shown = [line for line in lines if line.startswith("│ " + row["space"])]
+        numbers = [c.strip().rstrip("*") for line in shown for c in line.split("│")[3:] if c.strip()]
+        assert numbers == [f"{row['metrics'][n]:.3f}" for n in names]
+    assert (len([line for line in lines if "(continued)" in line]) > 0) == (columns < 200)
+
+
 def test_eval_refuses_spaces_over_different_images(spaces: dict[str, Path]) -> None:
     res = CliRunner().invoke(app, ["eval", str(spaces["pixels"]), str(spaces["other"])])
     assert res.exit_code == 2
@@ -430,3 +454,28 @@ def test_neighbours_sheet_leave_one_out_never_shows_the_query_as_its_own_neighbo
     parser = _Collect()
     parser.feed(out.read_text())
     assert parser.imgs == 2 * 1 * 3
+
+
+def test_sheet_queries_spread_over_labels_by_seed_not_text_order() -> None:
+    from collections import Counter
+
+    from retrieval.sheet import pick_queries
+
+    labels = [f"c{i}" for i in range(1, 18) for _ in range(6)]  # 17 classes: c1, c10..c16 sort first
+    seen: Counter[str] = Counter()
+    for seed in range(60):
+        picked = pick_queries(labels, 8, seed)
+        assert picked == pick_queries(labels, 8, seed)  # seeded
+        shown = [labels[i] for i in picked]
+        assert len(set(shown)) == 8 and len(set(picked)) == 8
+        seen.update(shown)
+    # Every class is shown, about equally often (60 x 8 / 17 = 28 each).
+    assert set(seen) == set(labels) and min(seen.values()) >= 12 and max(seen.values()) <= 48
+    # More queries than classes: every class once before any class twice.
+    counts = Counter(labels[i] for i in pick_queries(labels, 20, 3))
+    assert set(counts) == set(labels) and max(counts.values()) == 2
+    # A class with fewer images gives its turns to the others.
+    uneven = ["a"] + ["b"] * 9
+    assert (
+        sorted(labels_[0] for labels_ in (uneven[i] for i in pick_queries(uneven, 6, 0))) == ["a"] + ["b"] * 5
+    )

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "retrieval.config": 0,
     "retrieval.device": 0,
     "retrieval.progress": 0,
+    "retrieval.text": 0,
     # images, architectures, the checkpoint format, sample data
     "retrieval.images": 1,
     "retrieval.models": 1,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from retrieval.cli._app import err_console, esc
 from retrieval.errors import IndexNotFoundError, RetrieveError
 
 if TYPE_CHECKING:
@@ -66,13 +67,17 @@ def last_index() -> Path:
     return path
 
 
-def open_one(argument: Path | None = None, option: Path | None = None) -> Index:
-    """The index named by the argument or by --index (not both), else the last one built."""
+def open_one(argument: Path | None = None, option: Path | None = None, announce: bool = True) -> Index:
+    """The index named by the argument or by --index (not both), else the last one built; which one
+    answers is said on stderr (see `announce`)."""
     from retrieval.api import open_index
 
     if argument is not None and option is not None and Path(argument) != Path(option):
         raise RetrieveError(f"Two indexes given ({argument} and --index {option}); name one.")
-    return open_index(argument or option or last_index())
+    idx = open_index(argument or option or last_index())
+    if announce:
+        announce_index(idx)
+    return idx
 
 
 def open_many(arguments: Sequence[Path] | None = None, options: Sequence[Path] | None = None) -> list[Index]:
@@ -80,4 +85,34 @@ def open_many(arguments: Sequence[Path] | None = None, options: Sequence[Path] |
     from retrieval.api import open_index
 
     paths = [*(arguments or []), *(options or [])]
-    return [open_index(p) for p in paths] if paths else [open_index(last_index())]
+    spaces = [open_index(p) for p in paths] if paths else [open_index(last_index())]
+    for idx in spaces:
+        announce_index(idx)
+    return spaces
+
+
+def weights_text(idx: Index) -> str:
+    """The weights in a few words: "raw pixels", "random weights", a torchvision name or a checkpoint."""
+    w = idx.manifest.weights
+    return {"pixels": "raw pixels", "none": "random weights"}.get(w.kind, w.id)
+
+
+def describe_index(idx: Index) -> str:
+    """`path (backbone, weights, metric)`, without repeating "pixels" for the pixel baseline."""
+    m = idx.manifest
+    parts = [m.backbone] if m.backbone == "pixels" else [m.backbone, weights_text(idx)]
+    return f"{idx.path} ({', '.join([*parts, m.metric])})"
+
+
+def announce_index(idx: Index) -> None:
+    """Say on stderr which index answers (the last one built is used silently otherwise), and warn
+    when its network was never trained: such neighbours say little about what images show."""
+    err_console.print(f"[dim]index:[/] {esc(describe_index(idx))}", highlight=False, soft_wrap=True)
+    if idx.manifest.weights.kind == "none":
+        err_console.print(
+            f"[yellow]warning:[/] {esc(idx.path.name)} was built with random weights («weights» none): "
+            "its neighbours follow colour and layout, not content. Index with trained weights "
+            "(«weights» imagenet or a checkpoint from `retrieve train`) for meaningful results.",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -76,35 +76,11 @@ def _describe(results: Sequence[SpaceResult], queries: Path | None) -> str:
 
 
 def print_table(results: Sequence[SpaceResult], caption: str) -> None:
-    """One row per space, the best value of each column in bold with a star."""
-    from rich.table import Table
-
+    """One row per space, the best value of each column starred; laid out for the terminal's width."""
+    from retrieval.cli._table import print_metrics
     from retrieval.evaluate import best_per_metric
 
-    best = best_per_metric(results)
-    table = Table(
-        title=esc(caption), title_justify="left", caption="* best in column", caption_justify="left"
-    )
-    table.add_column("space", style="bold")
-    table.add_column("dim", justify="right")
-    names = list(results[0].metrics)
-    for name in names:
-        table.add_column(name, justify="right")
-    for i, r in enumerate(results):
-        cells = []
-        for name in names:
-            v = r.metrics[name]
-            text = f"{v:.3f}"
-            cells.append(f"[bold green]{text}*[/]" if i in best[name] and len(results) > 1 else text)
-        table.add_row(esc(r.name), str(r.extra.get("dim", "")), *cells)
-    # Piped or captured output is not squeezed to a terminal's width: numbers and headers stay whole.
-    needed = 24 + 10 * (len(names) + 1)
-    if console.is_terminal or console.width >= needed:
-        console.print(table)
-    else:
-        from rich.console import Console
-
-        Console(width=needed, highlight=False).print(table)
+    print_metrics(console, results, caption, best_per_metric(results), esc)
 
 
 def results_json(results: Sequence[SpaceResult], ks: Sequence[int]) -> dict:

@@ -175,6 +175,12 @@ def query_cli(
     if not images and not id:
         raise RetrieveError("Give image files to query, or --id for an image already in the index.")
     k = check_k(k)
+    for path in images or []:
+        if (Path(path) / "manifest.json").is_file():  # `retrieve query IMG idx-px` reads idx-px as a query
+            raise RetrieveError(
+                f"{path} is an index, not an image: name the index with --index "
+                f"(`retrieve query IMAGE --index {path}`)."
+            )
     idx = open_one(option=index)
     results = Searcher(idx, device=device).query(files=list(images or []), ids=list(id or []), k=k)
     failed = [r for r in results if not r.ok]
@@ -184,7 +190,10 @@ def query_cli(
     if as_json:
         payload = {
             "index": str(idx.path),
+            "backbone": idx.manifest.backbone,
+            "weights": idx.manifest.weights.to_dict(),
             "metric": idx.metric,
+            "root": idx.manifest.root,  # each neighbour's path is relative to it
             "results": [{"query": r.query, "neighbours": [h.to_dict() for h in r.hits]} for r in answered],
             "errors": [{"query": r.query, "error": r.error} for r in failed],
         }
@@ -197,7 +206,7 @@ def query_cli(
 
 def _print_results(idx, results: list[tuple[str, list]]) -> None:  # idx: retrieval.api.Index
     for q, hits in results:
-        title = f"{esc(q)}  [dim]({idx.manifest.backbone}, {idx.metric})[/]"
+        title = f"{esc(q)}  [dim]neighbours in {esc(idx.manifest.root)}[/]"
         table = Table(title=title, title_justify="left")
         for col, just in [("rank", "right"), ("distance", "right"), ("path", "left"), ("label", "left")]:
             table.add_column(col, justify=just)
@@ -218,7 +227,7 @@ def info_cli(
     """What an index holds: backbone, weights, preprocessing, counts and skipped files."""
     from collections import Counter
 
-    idx = open_one(index, index_opt)
+    idx = open_one(index, index_opt, announce=False)  # the table names it
     m = idx.manifest
     if as_json:
         console.print_json(json.dumps({**m.to_dict(), "path": str(idx.path)}))

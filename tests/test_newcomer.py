@@ -1,0 +1,79 @@
+"""What a new user meets first (issue #21): which index answers, help pages, output hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retrieval.cli import app
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def invoke(*args: object, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("newcomer")
+    out = {}
+    for name, backbone in (("px", "pixels"), ("rnd", "lenet")):
+        out[name] = tmp / f"idx-{name}"
+        r = invoke("index", samples, "--index", out[name], "--backbone", backbone, "--workers", "0")
+        assert r.exit_code == 0, r.output
+    return out
+
+
+def _said(r) -> str:
+    return " ".join(r.stderr.split())
+
+
+def test_every_index_reading_command_names_its_index_and_warns_on_random_weights(
+    two: dict[str, Path], samples: Path, tmp_path: Path
+) -> None:
+    q = samples / "test" / "star" / "0001.png"
+    r = invoke("query", q, "-i", two["rnd"], "-k", "2")
+    assert r.exit_code == 0, r.output
+    said = _said(r)
+    assert f"index: {two['rnd']} (lenet, random weights, l2)" in said
+    assert "warning:" in said and "random weights (--weights none)" in said
+    r = invoke("query", q, "-i", two["px"], "-k", "2")
+    said = _said(r)
+    assert f"index: {two['px']} (pixels, l2)" in said and "warning" not in said
+    # The same line from every command that reads indexes, once per index.
+    for args in (
+        ["eval", two["px"], two["rnd"]],
+        ["neighbours", two["px"], two["rnd"], "-o", tmp_path / "n.html"],
+        ["map", two["rnd"], "--method", "pca", "-o", tmp_path / "m.html"],
+    ):
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+        said = _said(r)
+        for idx in args[1:]:
+            if isinstance(idx, Path) and idx.name.startswith("idx-"):
+                assert said.count(f"index: {idx} (") == 1, (args, said)
+        assert ("random weights (--weights none)" in said) == (two["rnd"] in args)
+
+
+def test_query_json_says_what_paths_are_relative_to(two: dict[str, Path], samples: Path) -> None:
+    r = invoke("query", samples / "test" / "star" / "0001.png", "-i", two["rnd"], "-k", "3", "--json")
+    payload = json.loads(r.stdout)
+    assert payload["backbone"] == "lenet" and payload["weights"]["kind"] == "none"
+    root = Path(payload["root"])
+    assert root.is_absolute()
+    for hit in payload["results"][0]["neighbours"]:
+        assert (root / hit["path"]).is_file()
+
+
+def test_an_index_given_where_an_image_goes_is_named(two: dict[str, Path], samples: Path) -> None:
+    # `retrieve query IMG idx-px` used to read idx-px as a second query and answer from another index.
+    r = invoke("query", samples / "test" / "star" / "0001.png", two["px"], "-i", two["rnd"])
+    assert r.exit_code != 0
+    said = _said(r)
+    assert "is an index, not an image" in said and f"--index {two['px']}" in said
+    assert not r.stdout and "Traceback" not in r.output
