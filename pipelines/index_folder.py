@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,7 @@ from retrieval.config import IndexConfig
 from retrieval.errors import EmptyInputError, RetrieveError
 from retrieval.paths import user_path
 from retrieval.progress import Progress
+from retrieval.store.space import build_bytes, check_room, free_bytes, is_no_space, no_space
 
 if TYPE_CHECKING:
     from retrieval.backbones import Backbone
@@ -91,6 +94,27 @@ def build_index(
     progress = progress or Progress()
     with writer_lock(index_dir, warn=progress.warn):
         return _build_index(config, root, index_dir, progress, decoder, policy)
+
+
+@contextmanager
+def _disk_guard(index_dir: Path, needed: int) -> Iterator[None]:
+    """A full disk while writing becomes one error that says what happened and what is safe."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        raise no_space(index_dir, needed, free_bytes(index_dir), _live(index_dir), before=False) from exc
+
+
+def _live(index_dir: Path) -> str | None:
+    """The committed generation of the index at `index_dir`, if there is one."""
+    from retrieval.store import read_manifest
+
+    try:
+        return read_manifest(index_dir).generation
+    except (RetrieveError, OSError):
+        return None
 
 
 class EmbedMapper:
@@ -237,8 +261,10 @@ def _build_index(
         entries, problems = _scan(root)
     manifest = _manifest(config, root, mapper)
     # Staged shards are reused only by a run that would compute the same vectors.
-    staging = Staging(index_dir, manifest.run_key(), config.shard_rows)
+    staging = Staging(index_dir, manifest.run_key(), config.shard_rows, config.flush_seconds)
     todo = _to_do(staging, entries, problems, progress)
+    needed = build_bytes(mapper.backbone.dim, len(todo), len(entries))
+    check_room(index_dir, needed, _live(index_dir))
     runtime = mapper.runtime
     settings = Settings(
         batch_size=config.batch_size or default_batch_size(runtime),
@@ -246,20 +272,22 @@ def _build_index(
         policy=policy,
     )
     embedded = 0
-    if todo:
-        progress.start(len(entries), len(entries) - len(todo), f"embedding with {mapper.backbone.spec.name}")
-        embedded = run(
-            todo,
-            lambda: mapper,
-            ShardWriter(staging),
-            settings,
-            engine=config.engine,
-            progress=progress,
-            timer=timer,
-        )
-    with timer.stage("commit"):
-        order = [e.relpath for e in entries] + [p for p, _ in problems]
-        manifest = commit(index_dir, staging, order, manifest, config.shard_rows)
+    with _disk_guard(index_dir, needed):
+        if todo:
+            what = f"embedding with {mapper.backbone.spec.name}"
+            progress.start(len(entries), len(entries) - len(todo), what)
+            embedded = run(
+                todo,
+                lambda: mapper,
+                ShardWriter(staging),
+                settings,
+                engine=config.engine,
+                progress=progress,
+                timer=timer,
+            )
+        with timer.stage("commit"):
+            order = [e.relpath for e in entries] + [p for p, _ in problems]
+            manifest = commit(index_dir, staging, order, manifest, config.shard_rows)
     return IndexReport(
         index=index_dir,
         indexed=manifest.counts.indexed,

@@ -25,6 +25,7 @@ class IndexConfig:
     batch_size: int | None = None  # None = 256 on GPU, 32 on CPU
     workers: int | None = None  # DataLoader processes; None = chosen for the device
     shard_rows: int = 4096  # vectors per shard on disk: the unit of resumable progress
+    flush_seconds: float = 30.0  # ...and a shard at least this often, so a kill loses at most this much
     engine: str = "local"  # where the pipeline runs; "local" (Ray is a later engine)
 
     @classmethod
@@ -36,6 +37,8 @@ class IndexConfig:
             raise RetrieveError("batch size must be at least 1")
         if self.shard_rows < 1:
             raise RetrieveError("shard rows must be at least 1")
+        if not self.flush_seconds > 0:
+            raise RetrieveError(f"«flush_seconds» must be above 0 (got {self.flush_seconds}).")
         if self.workers is not None and self.workers < 0:
             raise RetrieveError("workers must be 0 or more")
 

@@ -69,6 +69,12 @@ class EmptyInputError(RetrieveError):
     """A folder holds no usable images."""
 
 
+class NoSpaceError(RetrieveError):
+    """The device holding an index is (or would become) full; the message says what is intact."""
+
+    exit_code = 1
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message for a one-line error, cut at a word near `limit`
     characters; "no details" for an empty message (an empty file gives IndexError(""))."""

@@ -107,6 +107,10 @@ def index_cli(
     shard_rows: Annotated[
         int, typer.Option(help="Vectors per on-disk shard (unit of resumable progress).")
     ] = 4096,
+    flush_seconds: Annotated[
+        float,
+        typer.Option(help="Write a shard at least this often: an interrupted run loses at most this much."),
+    ] = 30.0,
 ) -> None:
     """Embed every image under IMAGES and write a FAISS index.
 
@@ -135,6 +139,7 @@ def index_cli(
         batch_size=batch_size,
         workers=workers,
         shard_rows=shard_rows,
+        flush_seconds=flush_seconds,
     )
     report = build_index(config, progress=_RichProgress())
     remember_last_index(report.index)

@@ -25,6 +25,8 @@ def writer_lock(index_dir: Path, warn: Callable[[str], None] = lambda message: N
     if index_dir.exists() and not index_dir.is_dir():
         raise IndexFormatError(f"{index_dir} is a file, not an index folder; choose another «index».")
     created = not index_dir.exists()
+    # The folders this run makes (`./indexes/` for the default index path too), outermost last.
+    made = [index_dir, *(p for p in index_dir.parents if not p.exists())] if created else []
     index_dir.mkdir(parents=True, exist_ok=True)
     with _flock(index_dir / LOCK, warn):
         try:
@@ -34,6 +36,11 @@ def writer_lock(index_dir: Path, warn: Callable[[str], None] = lambda message: N
             # folder; removed while the lock is held, so no other run can be inside it.
             if created and {p.name for p in index_dir.iterdir()} <= {LOCK}:
                 shutil.rmtree(index_dir, ignore_errors=True)
+                for parent in made[1:]:
+                    try:
+                        parent.rmdir()  # only while empty: another run may have put work there
+                    except OSError:
+                        break
 
 
 @contextlib.contextmanager
