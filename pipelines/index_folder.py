@@ -197,10 +197,14 @@ def _manifest(config: IndexConfig, root: Path, mapper: EmbedMapper) -> Manifest:
 def _announce(mapper: EmbedMapper, progress: Progress) -> None:
     backbone = mapper.backbone
     progress.note(f"device: {mapper.describe()}")
-    progress.note(
-        f"backbone: {backbone.spec.name} ({backbone.layer or 'pixels'}) {backbone.dim}-d, "
-        f"weights {backbone.weights.id}"
-    )
+    if backbone.weights.kind == "pixels":  # no network: the resize is the whole "backbone"
+        size = backbone.preprocess.size
+        progress.note(f"backbone: pixels (raw RGB at {size}x{size} px) {backbone.dim}-d")
+    else:
+        progress.note(
+            f"backbone: {backbone.spec.name} (layer {backbone.layer}) {backbone.dim}-d, "
+            f"weights {backbone.weights.id}"
+        )
     if backbone.weights.kind == "none":
         progress.warn(
             "weights: none: RANDOM initialisation (seed 0); neighbours will be close "

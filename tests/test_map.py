@@ -206,6 +206,27 @@ def test_max_points_page_states_how_many(index: Path, tmp_path: Path) -> None:
     assert len(set(labels[:20])) == 10  # all 10 labels survive a 20-of-74 stratified sample
 
 
+def test_a_sampled_map_lists_only_neighbours_that_are_on_it(index: Path, tmp_path: Path) -> None:
+    # The demo's map showed 2,000 of 8,000 images and most listed neighbours were grey "not in
+    # the sample" boxes. Now they are the nearest among the shown ones: oracle, brute force.
+    out = tmp_path / "s.html"
+    r = invoke("map", index, "--method", "pca", "--max-points", "30", "-k", "4", "--out", out)
+    assert r.exit_code == 0, r.output
+    d = page_data(out)
+    m = d["shown"]
+    assert m == 30 and d["items"] == m  # no item off the map
+    assert d["title"] == f"{open_index(index).root.name} in raw-pixel space: PCA of 30 of 74 images"
+    ids = np.frombuffer(base64.b64decode(d["ids"]), "<i4")
+    nb = np.frombuffer(base64.b64decode(d["neighbours"]), "<i4").reshape(m, 4)
+    dist = np.frombuffer(base64.b64decode(d["distances"]), "<f4").reshape(m, 4)
+    x = np.asarray(open_index(index).vectors(), np.float64)[ids]
+    full = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(full, np.inf)
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :4], rtol=1e-4, atol=1e-4)
+    assert (nb >= 0).all() and (nb < m).all()
+    np.testing.assert_allclose(full[np.arange(m)[:, None], nb], dist, rtol=1e-4, atol=1e-4)
+
+
 def test_grid_assignment_matches_brute_force_on_a_tiny_grid() -> None:
     rng = np.random.default_rng(0)
     pts = rng.uniform(size=(9, 2))

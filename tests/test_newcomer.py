@@ -77,3 +77,36 @@ def test_an_index_given_where_an_image_goes_is_named(two: dict[str, Path], sampl
     said = _said(r)
     assert "is an index, not an image" in said and f"--index {two['px']}" in said
     assert not r.stdout and "Traceback" not in r.output
+
+
+def test_a_cached_map_does_not_announce_or_time_the_work_it_skips(
+    two: dict[str, Path], tmp_path: Path
+) -> None:
+    args = ["map", two["px"], "--method", "pca", "-o", tmp_path / "m.html"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "PCA of 72 of 72 vectors" in _said(first)
+    again = invoke(*args)
+    said = _said(again)
+    assert again.exit_code == 0 and "vectors (" not in said and "projection 0.0s (cached)" in said
+
+
+def test_the_demo_suggests_a_longer_run_than_it_made(tmp_path: Path) -> None:
+    from pipelines.demo import DemoReport
+
+    idx = {"pixels": tmp_path / "px", "lenet": tmp_path / "ln"}
+    for epochs in (30, 5):
+        text = DemoReport(
+            out=tmp_path,
+            images=tmp_path / "images",
+            checkpoint=tmp_path / "best.pt",
+            indexes=idx,
+            test_indexes=idx,
+            results=[],
+            caption="",
+            sheet=tmp_path / "s.html",
+            sheet_png=tmp_path / "s.png",
+            map=None,
+            epochs=epochs,
+        ).summary()
+        assert f"--epochs {2 * epochs}" in text and f"--epochs {epochs} " not in text

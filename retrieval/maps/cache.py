@@ -85,8 +85,12 @@ def cached_projection(
     jobs: int | None = None,
     use_cache: bool = True,
     note: Callable[[str], None] = lambda s: None,
+    computing: str = "",
 ) -> Projection:
-    """The projection of the index's vectors `ids`, from the cache when the same one was made before."""
+    """The projection of the index's vectors `ids`, from the cache when the same one was made before.
+
+    `computing` is said through `note` only when the projection is computed: a cached run does not
+    announce minutes of t-SNE it will not do."""
     vectors = index.vectors()
     key = {"ids": _ids_digest(ids), "vectors": _vectors_digest(vectors, ids), "metric": index.metric}
     path = _cache_path(index, "coords", {**key, **asdict(params)})
@@ -99,6 +103,8 @@ def cached_projection(
             float(hit["seconds"]),
             cached=True,
         )
+    if computing:
+        note(computing)
     x = np.asarray(vectors[ids], dtype=np.float32)
     if index.metric == "cosine":
         from retrieval.index import normalize_rows
@@ -122,8 +128,12 @@ def neighbour_table(
     index: Index, ids: np.ndarray, k: int, batch: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours (index ids, distances) of the index's images `ids`, in the original feature
-    space, through the index's own FAISS searcher: the same lists as `Index.search_ids(ids, k)`."""
+    space. Every image shown: through the index's own FAISS searcher, the same lists as
+    `Index.search_ids(ids, k)`. A sample: the nearest among the sample, so that every neighbour the
+    page lists is on the page, a thumbnail to click (the page says so)."""
     vectors = index.vectors()
+    if len(np.unique(ids)) < len(index):
+        return _neighbours_within(index, np.asarray(vectors[ids], dtype=np.float32), ids, k)
     kk = min(k + 1, len(index))
     out_ids = np.full((len(ids), k), -1, np.int64)
     out_d = np.full((len(ids), k), np.inf, np.float32)
@@ -136,6 +146,19 @@ def neighbour_table(
     return out_ids, out_d
 
 
+def _neighbours_within(index: Index, x: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    from retrieval.index import ExactIndex
+
+    local = ExactIndex(metric=index.metric).fit(x)
+    d, nb = local.search(x, min(k + 1, len(ids)))
+    nb, d = drop_self(nb, d, np.arange(len(ids)), k)
+    out_ids = np.full((len(ids), k), -1, np.int64)
+    out_d = np.full((len(ids), k), np.inf, np.float32)
+    out_ids[:, : nb.shape[1]] = np.where(nb >= 0, np.asarray(ids, np.int64)[np.maximum(nb, 0)], -1)
+    out_d[:, : d.shape[1]] = d
+    return out_ids, out_d
+
+
 def cached_neighbours(
     index: Index,
     ids: np.ndarray,
@@ -143,7 +166,7 @@ def cached_neighbours(
     use_cache: bool = True,
     note: Callable[[str], None] = lambda s: None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    path = _cache_path(index, "neighbours", {"ids": _ids_digest(ids), "k": k})
+    path = _cache_path(index, "neighbours", {"ids": _ids_digest(ids), "k": k, "within": "sample"})
     hit = _cache_load(path, use_cache)
     if hit is not None and hit.get("ids", np.zeros(0)).shape == (len(ids), k):
         return hit["ids"], hit["distances"], True

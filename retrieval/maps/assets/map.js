@@ -411,7 +411,8 @@
     list.replaceChildren();
     if (i < 0) { panel.hidden = true; schedule(); return; }
     panel.hidden = false;
-    $("neighbours-of").textContent = `of ${paths[i]} (${D.labelNames[labelOf[i]]}), in the ${info.dim || ""}-d feature space (${info.metric || "l2"}):`;
+    const among = N === D.total ? "" : `, nearest among the ${fmt(N)} shown`;
+    $("neighbours-of").textContent = `of ${paths[i]} (${D.labelNames[labelOf[i]]}), in the ${info.dim || ""}-d feature space (${info.metric || "l2"})${among}:`;
     for (let r = 0; r < K; r++) {
       const j = nbr[i * K + r];
       if (j < 0) continue;
