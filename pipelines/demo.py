@@ -96,8 +96,8 @@ class DemoReport:
             "",
             "next:",
             f"  retrieve query {example[0] if example else test} --index {net}",
-            f"  retrieve eval {pix} {net} --queries {test} --k 1,5,10",
-            f"  retrieve neighbours {pix} {net} --queries {test} --n 8 --k 5 --out sheet.html",
+            f"  retrieve eval {pix} {net} --queries {test} -k 1,5,10",
+            f"  retrieve neighbours {pix} {net} --queries {test} -n 8 -k 5 --out sheet.html",
         ]
         if self.map is not None:
             lines.append(f"  retrieve map {net}")

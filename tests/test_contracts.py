@@ -73,7 +73,9 @@ def test_a_failed_generation_rename_leaves_the_old_index_whole(
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="No space left"):
+    from retrieval.errors import NoSpaceError
+
+    with pytest.raises(NoSpaceError, match="ran out of space during this build"):  # ENOSPC, said plainly
         build_index(cfg)
     monkeypatch.setattr(os, "replace", real_replace)
 

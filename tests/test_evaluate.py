@@ -273,7 +273,7 @@ def test_eval_cli_json_matches_the_library(spaces: dict[str, Path]) -> None:
     from retrieval.api import open_index
 
     runner = CliRunner()
-    res = runner.invoke(app, ["eval", str(spaces["pixels"]), str(spaces["lenet"]), "--k", "1,3", "--json"])
+    res = runner.invoke(app, ["eval", str(spaces["pixels"]), str(spaces["lenet"]), "-k", "1,3", "--json"])
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)
     rows = {r["space"]: r for r in payload["spaces"]}
@@ -290,7 +290,7 @@ def test_eval_cli_json_matches_the_library(spaces: dict[str, Path]) -> None:
 def test_eval_cli_queries_table_and_csv(spaces: dict[str, Path]) -> None:
     runner = CliRunner()
     args = ["eval", str(spaces["pixels"]), str(spaces["lenet"]), "--queries", str(spaces["queries"])]
-    res = runner.invoke(app, [*args, "--k", "1,5"])
+    res = runner.invoke(app, [*args, "-k", "1,5"])
     assert res.exit_code == 0, res.output
     assert "idx-pixels" in res.stdout and "MAP@R" in res.stdout and "*" in res.stdout
     res = runner.invoke(app, [*args, "--csv"])
@@ -373,9 +373,9 @@ def test_neighbours_sheet_is_valid_escaped_html_with_every_query(
             str(spaces["lenet"]),
             "--queries",
             str(spaces["queries"]),
-            "--n",
+            "-n",
             "9",
-            "--k",
+            "-k",
             "4",
             "--out",
             str(out),
@@ -406,7 +406,7 @@ def test_eval_real_subprocess(spaces: dict[str, Path]) -> None:
     import sys
 
     res = subprocess.run(
-        [sys.executable, "-m", "retrieval", "eval", str(spaces["pixels"]), "--k", "2", "--csv"],
+        [sys.executable, "-m", "retrieval", "eval", str(spaces["pixels"]), "-k", "2", "--csv"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -426,7 +426,7 @@ def test_eval_without_index_uses_the_last_one(
     res = CliRunner().invoke(app, ["eval", "--json"])
     assert res.exit_code == 2 and "No index given" in res.output
     remember_last_index(spaces["lenet"])
-    res = CliRunner().invoke(app, ["eval", "--json", "--k", "1"])
+    res = CliRunner().invoke(app, ["eval", "--json", "-k", "1"])
     assert res.exit_code == 0, res.output
     assert [r["space"] for r in json.loads(res.stdout)["spaces"]] == ["idx-lenet"]
 
@@ -448,7 +448,7 @@ def test_neighbours_sheet_leave_one_out_never_shows_the_query_as_its_own_neighbo
             assert all(c.wrong == (c.label != block.query.label) for c in row.neighbours)
     out = tmp_path / "loo.html"
     res = CliRunner().invoke(
-        app, ["neighbours", str(spaces["pixels"]), "--n", "2", "--k", "2", "--out", str(out)]
+        app, ["neighbours", str(spaces["pixels"]), "-n", "2", "-k", "2", "--out", str(out)]
     )
     assert res.exit_code == 0, res.output
     parser = _Collect()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -110,3 +111,35 @@ def test_the_demo_suggests_a_longer_run_than_it_made(tmp_path: Path) -> None:
             epochs=epochs,
         ).summary()
         assert f"--epochs {2 * epochs}" in text and f"--epochs {epochs} " not in text
+
+
+def _commands() -> list[list[str]]:
+    import typer.main
+
+    root = typer.main.get_command(app)
+    out = []
+    for name, cmd in root.commands.items():
+        subs = getattr(cmd, "commands", None)
+        out += [[name, sub] for sub in subs] if subs else [[name]]
+    return out
+
+
+@pytest.mark.parametrize("words", _commands(), ids=" ".join)
+def test_every_help_page_teaches_in_one_style(words: list[str]) -> None:
+    width = 100
+    r = runner.invoke(app, [*words, "--help"], env={"COLUMNS": str(width)})
+    assert r.exit_code == 0, r.output
+    page = r.stdout
+    # Examples that run the command itself.
+    assert "Examples:" in page and f"retrieve {' '.join(words)} " in page
+    # No type noise, one style of default, no long options of one letter.
+    for noise in ("<bool>", "<list[", "<int>", "<str>", "<path>", "Default:", "(default"):
+        assert noise not in page, noise
+    assert not [w for w in page.split() if len(w) == 3 and w.startswith("--") and w[2].isalpha()]
+    # Prose is filled to the width, not broken where the source's lines ended: a line that a
+    # paragraph continues after is too full to take the next line's first word.
+    prose = page.split("╭")[0].splitlines()
+    for line, nxt in itertools.pairwise(prose):
+        line, nxt = line.rstrip(), nxt.strip()
+        if line.strip() and nxt and not line.startswith("   ") and not nxt.startswith("retrieve "):
+            assert len(line) + 1 + len(nxt.split()[0]) > width - 2, (line, nxt)

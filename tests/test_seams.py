@@ -74,7 +74,7 @@ def test_neighbours_draws_the_sheet_and_lists_a_bad_query(
     pixel_index: Path, queries_with_a_bad_file: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "sheet.html"
-    r = invoke("neighbours", pixel_index, "--queries", queries_with_a_bad_file, "--n", "6", "--out", out)
+    r = invoke("neighbours", pixel_index, "--queries", queries_with_a_bad_file, "-n", "6", "--out", out)
     assert r.exit_code == 0, r.output
     assert out.exists() and out.with_suffix(".png").exists()
     assert "skipped query" in r.output and "empty.png" in r.output and "empty file (0 bytes)" in r.output
@@ -114,7 +114,7 @@ def test_every_index_reading_command_takes_dash_dash_index(pixel_index: Path, tm
     assert a.exit_code == b.exit_code == 0 and json.loads(a.stdout) == json.loads(b.stdout)
     r = invoke("map", "--index", pixel_index, "--method", "pca", "--out", tmp_path / "m.html")
     assert r.exit_code == 0 and (tmp_path / "m.html").exists(), r.output
-    r = invoke("neighbours", "-i", pixel_index, "--n", "2", "--out", tmp_path / "s.html")
+    r = invoke("neighbours", "-i", pixel_index, "-n", "2", "--out", tmp_path / "s.html")
     assert r.exit_code == 0 and (tmp_path / "s.html").exists(), r.output
     r = invoke("query", "--id", "c0/0.png", "--index", pixel_index, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["results"][0]["neighbours"], r.output

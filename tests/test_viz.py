@@ -804,7 +804,7 @@ def test_cli_commands(checkpoints: dict[int, Path], few_images: Path, tmp_path: 
     out = str(tmp_path / "p.png")
     r = runner.invoke(
         app,
-        ["viz", "top-patches", str(few_images), "-w", ckpt, "-l", "conv2", "-c", "5", "--n", "3", "-o", out],
+        ["viz", "top-patches", str(few_images), "-w", ckpt, "-l", "conv2", "-c", "5", "-n", "3", "-o", out],
     )
     assert r.exit_code == 0, r.output
     assert "top 3 of 13 images" in r.output and Path(out).is_file()
@@ -890,7 +890,7 @@ def test_cli_bad_input_is_one_clear_line_and_exit_2(
     for src in sorted((few_images / "star").iterdir())[:2]:
         (mixed / src.name).write_bytes(src.read_bytes())
     (mixed / "torn.png").write_bytes((broken / "torn.png").read_bytes())
-    for args in (["saliency", str(mixed)], ["top-patches", str(mixed), "-l", "conv2", "-c", "1", "--n", "2"]):
+    for args in (["saliency", str(mixed)], ["top-patches", str(mixed), "-l", "conv2", "-c", "1", "-n", "2"]):
         r = runner.invoke(app, ["viz", *args, "-w", ckpt, "-o", str(tmp_path / "ok" / args[0])])
         assert r.exit_code == 0, r.output
         assert re.search(r"skipped 1 unreadable files.*\n  torn\.png: \S", r.output), r.output

@@ -3,18 +3,97 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from retrieval.errors import RetrieveError, as_flags
 from retrieval.paths import user_path
 
-app = typer.Typer(
+if TYPE_CHECKING:
+    from typer import _click as click  # typer's own click, for the hints only
+
+
+def reflow(text: str | None) -> str | None:
+    """Help text with its paragraphs re-joined: docstrings are wrapped at 100 columns in the source,
+    and rich would keep those breaks and print ragged lines. Indented blocks (examples) stay as they
+    are, one line each."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    out = []
+    for para in paragraphs:
+        lines = para.splitlines()
+        if any(line.startswith(" ") for line in lines):
+            out.append(para)  # rich keeps the line breaks of a paragraph
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+# "Default: X." or "(default: X)" in an option's help, whoever wrote it: shown as typer's own
+# "[default: X]", so the pages have one style of default.
+_DEFAULT_TEXT = re.compile(r"\s*(?:\(default:? (?P<a>[^)]*)\)|Default: (?P<b>.*?))\.?\s*$")
+_METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT"}
+
+
+def tidy_param(param: click.Parameter) -> None:
+    """One look for every option: flags show no `<bool>`, values a short metavar (`N`, `PATH`),
+    arguments their name in capitals, defaults as `[default: ...]`."""
+    if param.metavar is None:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.metavar = ""
+        elif isinstance(param, TyperArgument):
+            # The name says what goes there (IMAGES, FOLDER); the `<list[Path]>` beside it adds nothing.
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        elif isinstance(param, TyperOption) and not param.type_descriptor.is_choice:
+            bare = param.bare_type().removeprefix("list[").removesuffix("]")
+            param.metavar = _METAVARS.get(bare, bare.upper())
+    help_text = getattr(param, "help", None)
+    if help_text and (m := _DEFAULT_TEXT.search(help_text)):
+        param.help = help_text[: m.start()].rstrip()
+        if param.help and not param.help.endswith((".", "?", ")")):
+            param.help += "."
+        param.show_default = (m.group("a") or m.group("b")).strip()
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            tidy_param(param)
+        return params
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            tidy_param(param)
+        return params
+
+
+class _Typer(typer.Typer):
+    """Commands registered on it (and on its sub-apps) get the tidied help and reflowed docstrings."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
+        def decorate(func: F) -> F:
+            kwargs.setdefault("cls", _Command)
+            kwargs.setdefault("help", reflow(func.__doc__))
+            return super(_Typer, self).command(*args, **kwargs)(func)
+
+        return decorate
+
+
+app = _Typer(
+    cls=_Group,
     name="retrieve",
     help=(
         "Turn folders of images into searchable convnet embeddings.\n\n"
@@ -88,6 +167,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
     """`app.command` with clean error handling: every command module registers through this."""
 
     def decorate(func: F) -> F:
+        kwargs.setdefault("help", reflow(func.__doc__))
         app.command(*args, **kwargs)(exits_cleanly(func))
         return func
 
@@ -96,6 +176,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
 
 def sub_app(name: str, help: str) -> typer.Typer:
     """A command group (e.g. `retrieve viz ...`) whose commands use `exits_cleanly` themselves."""
-    group = typer.Typer(help=help, no_args_is_help=True)
+    group = _Typer(cls=_Group, help=reflow(help), no_args_is_help=True)
     app.add_typer(group, name=name)
     return group

@@ -35,10 +35,12 @@ def parse_ks(text: str) -> list[int]:
         ks = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
     except ValueError:
         raise RetrieveError(
-            f"--k takes comma-separated positive integers, e.g. 1,5,10 (got {text!r})."
+            f"-k/--cutoffs takes comma-separated positive integers, e.g. 1,5,10 (got {text!r})."
         ) from None
     if not ks or ks[0] < 1:
-        raise RetrieveError(f"--k takes comma-separated positive integers, e.g. 1,5,10 (got {text!r}).")
+        raise RetrieveError(
+            f"-k/--cutoffs takes comma-separated positive integers, e.g. 1,5,10 (got {text!r})."
+        )
     return ks
 
 
@@ -125,7 +127,9 @@ def eval_cli(
     indexes: IndexesArg = None,
     index_opt: IndexesOpt = None,
     queries: QueriesOpt = None,
-    k: Annotated[str, typer.Option("--k", "-k", help="Cut-offs for P@k, R@k and kNN@k.")] = "1,5,10",
+    k: Annotated[
+        str, typer.Option("-k", "--cutoffs", help="Cut-offs for P@k, R@k and kNN@k, comma-separated.")
+    ] = "1,5,10",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout, one row per space.")] = False,
     full_map: Annotated[
@@ -142,6 +146,12 @@ def eval_cli(
 
     Several indexes of the same images (e.g. pixels, resnet18, a trained checkpoint) give one table
     with the best value per column marked. Neighbours come from exact search.
+
+    Examples:
+
+      retrieve eval ./idx-pixels ./idx-r8            # leave-one-out, one table
+      retrieve eval ./idx-r8 --queries ./test -k 1,5,10 --json
+      retrieve eval -i ./idx-pixels -i ./idx-r8 --csv > quality.csv
     """
     from retrieval.errors import RetrieveError
     from retrieval.evaluate import check_same_images, evaluate_indexes
@@ -171,8 +181,10 @@ def neighbours_cli(
     indexes: IndexesArg = None,
     index_opt: IndexesOpt = None,
     queries: QueriesOpt = None,
-    n: Annotated[int, typer.Option("--n", "-n", help="Query images on the sheet (spread over labels).")] = 8,
-    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per query and space.")] = 5,
+    n: Annotated[
+        int, typer.Option("-n", "--num-queries", help="Query images on the sheet (spread over labels).")
+    ] = 8,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours per query and space.")] = 5,
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML page; a PNG is written beside it.")] = Path(
         "neighbours.html"
     ),
@@ -182,13 +194,18 @@ def neighbours_cli(
     """The slide: N query images, and for each space a row with the query and its k nearest neighbours.
 
     Wrong-label neighbours are outlined in red. Writes a self-contained HTML page and a PNG.
+
+    Examples:
+
+      retrieve neighbours ./idx-pixels ./idx-r8 -n 8 -k 5 --out sheet.html
+      retrieve neighbours ./idx-r8 --queries ./test --seed 3
     """
     from retrieval.errors import RetrieveError
     from retrieval.evaluate import check_same_images
     from retrieval.sheet import neighbour_blocks, write_sheet
 
     if n < 1 or k < 1:
-        raise RetrieveError("--n and --k must be at least 1.")
+        raise RetrieveError("-n/--num-queries and -k/--top-k must be at least 1.")
     spaces = open_many(indexes, index_opt)
     check_same_images(spaces)
     query_sets = _embed_queries(spaces, queries, device, say=False) if queries is not None else None
@@ -231,6 +248,11 @@ def demo_cli(
 
     About 1.5 minutes on 2 CPU cores. Re-running reuses every finished step (same settings, same
     results).
+
+    Examples:
+
+      retrieve demo                                 # into ./retrieve-demo
+      retrieve demo /tmp/demo --epochs 60 --fresh
     """
     from dataclasses import replace
 

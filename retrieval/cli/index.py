@@ -116,6 +116,13 @@ def index_cli(
 
     Bad files are skipped and listed in the index's ledger. Interrupting is safe: the previous index
     stays readable and re-running the same command resumes where it stopped.
+
+    Examples:
+
+      retrieve index ./photos                       # resnet50, ImageNet weights
+      retrieve index ./photos --backbone pixels      # the raw-pixel baseline
+      retrieve index ./photos --weights runs/r8/best.pt --index ./idx-r8
+      retrieve index ./photos                       # again: resumes an interrupted run
     """
     from pipelines.index_folder import build_index
     from retrieval.backbones import DEFAULT_BACKBONE
@@ -159,7 +166,7 @@ def index_cli(
 def query_cli(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files to find neighbours of.")] = None,
     index: IndexOpt = None,
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours per query.")] = 10,
     id: Annotated[
         list[str] | None,
         typer.Option(
@@ -173,6 +180,12 @@ def query_cli(
 
     A query that cannot be answered (an unreadable image, an id not in the index) is reported on
     stderr and the others are answered; the exit code is then 1 (2 when none could be).
+
+    Examples:
+
+      retrieve query cat.jpg -k 5                   # the last index built
+      retrieve query cat.jpg dog.png --index ./idx-r8 --json
+      retrieve query --id train/cats/12.jpg        # an indexed image (itself left out)
     """
     from retrieval.errors import RetrieveError
     from retrieval.query import Searcher, check_k
@@ -229,7 +242,14 @@ def info_cli(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """What an index holds: backbone, weights, preprocessing, counts and skipped files."""
+    """What an index holds: backbone, weights, preprocessing, counts and skipped files.
+
+    Examples:
+
+      retrieve info                                 # the last index built
+      retrieve info ./idx-r8 --skipped              # list every skipped file and why
+      retrieve info ./idx-r8 --json
+    """
     from collections import Counter
 
     idx = open_one(index, index_opt, announce=False)  # the table names it
@@ -268,7 +288,13 @@ def info_cli(
 def backbones_cli(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """The backbone registry: names, tapped layer, dimension, weights and preprocessing."""
+    """The backbone registry: names, tapped layer, dimension, weights and preprocessing.
+
+    Examples:
+
+      retrieve backbones
+      retrieve backbones --json
+    """
     from retrieval.backbones import DEFAULT_BACKBONE, get_spec, list_backbones
 
     specs = [get_spec(n) for n in list_backbones()]

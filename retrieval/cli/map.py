@@ -32,7 +32,7 @@ def map_cli(
     max_points: Annotated[
         int | None, typer.Option(help="Show at most this many images, sampled stratified by label.")
     ] = None,
-    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours listed when an image is clicked.")] = 10,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours listed when an image is clicked.")] = 10,
     thumb_size: Annotated[
         int | None,
         typer.Option(
@@ -57,6 +57,13 @@ def map_cli(
     The page has every image as a thumbnail: pan and zoom, hover for a preview, click for the
     nearest neighbours in the original feature space (as `retrieve query --id`), search by file
     name, toggle classes in the legend, lasso-select and copy paths.
+
+    Examples:
+
+      retrieve map                                  # last index, t-SNE, map.html
+      retrieve map ./idx-r8 --method umap --out r8-umap.html
+      retrieve map ./idx-r8 --grid 40x40 --out grid.png
+      retrieve map ./idx-r8 --max-points 50000     # a stratified sample; the page says so
     """
     from retrieval.maps import METHOD_NAMES, MapConfig, ProjectionParams, build_map, parse_grid
 

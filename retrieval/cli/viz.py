@@ -132,7 +132,13 @@ def filters_cli(
     max_filters: Annotated[int, typer.Option("--max-filters", help="Show at most this many filters.")] = 256,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("filters.png"),
 ) -> None:
-    """Draw a conv layer's filters as tiles (first layer in colour or grey)."""
+    """Draw a conv layer's filters as tiles (first layer in colour or grey).
+
+    Examples:
+
+      retrieve viz filters --backbone alexnet --weights imagenet --out filters.png
+      retrieve viz filters --weights runs/r8/best.pt --layer conv2
+    """
     from retrieval.visualise import filters, load_model
     from retrieval.visualise.render import save_png
 
@@ -158,7 +164,8 @@ def saliency_cli(
         str, typer.Option("--method", "-m", help="vanilla, guided, gradcam or guided-gradcam.")
     ] = "guided",
     target: Annotated[
-        str | None, typer.Option("--target", "-t", help="predicted (default), a class index or a class name.")
+        str | None,
+        typer.Option("--target", "-t", help="predicted, a class index or a class name. Default: predicted."),
     ] = None,
     layer: LayerOpt = None,
     channel: ChannelOpt = None,
@@ -181,7 +188,13 @@ def saliency_cli(
         ),
     ] = "auto",
 ) -> None:
-    """Where in each image the class (or a unit of a layer) looks: PNG overlays and one HTML report."""
+    """Where in each image the class (or a unit of a layer) looks: PNG overlays and one HTML report.
+
+    Examples:
+
+      retrieve viz saliency ./photos --weights runs/r8/best.pt --method guided --out sal/
+      retrieve viz saliency cat.jpg --backbone resnet18 --weights imagenet --method gradcam
+    """
     from retrieval.visualise import SaliencyConfig, load_model, saliency_folder
 
     vm = load_model(backbone, weights)
@@ -239,7 +252,13 @@ def dream_cli(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("dream.png"),
     device: DeviceOpt = "auto",
 ) -> None:
-    """Generate the image that maximises a class score (pre-softmax) or a channel of any layer."""
+    """Generate the image that maximises a class score (pre-softmax) or a channel of any layer.
+
+    Examples:
+
+      retrieve viz dream --weights runs/r8/best.pt --class 3 --out dream.png
+      retrieve viz dream --weights runs/r8/best.pt --layer layer3 --channel 5 --param fft
+    """
     from retrieval.visualise import DreamConfig, dream, load_model
     from retrieval.visualise.render import save_png
 
@@ -281,7 +300,12 @@ def activations_cli(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("activations.png"),
     device: DeviceOpt = "auto",
 ) -> None:
-    """Draw a layer's feature maps for one image, one tile per channel."""
+    """Draw a layer's feature maps for one image, one tile per channel.
+
+    Examples:
+
+      retrieve viz activations cat.jpg --weights runs/r8/best.pt --layer layer1 --out acts.png
+    """
     from retrieval.visualise import activations, load_model
     from retrieval.visualise.render import save_png
 
@@ -298,14 +322,19 @@ def top_patches_cli(
     images: Annotated[Path, typer.Argument(help="A folder of images (scanned recursively).")],
     layer: Annotated[str, typer.Option("--layer", "-l", help="Convolutional layer.")],
     channel: Annotated[int, typer.Option("--channel", "-c", help="Channel of --layer.")],
-    n: Annotated[int, typer.Option("--n", help="How many patches.")] = 10,
+    n: Annotated[int, typer.Option("-n", "--count", help="How many patches.")] = 10,
     backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid of the patches.")] = Path("patches.png"),
     device: DeviceOpt = "auto",
 ) -> None:
-    """Find the receptive-field patches of a dataset that excite one channel most."""
+    """Find the receptive-field patches of a dataset that excite one channel most.
+
+    Examples:
+
+      retrieve viz top-patches ./photos --weights runs/r8/best.pt --layer layer3 --channel 5 -n 10
+    """
     from rich.table import Table
     from rich.text import Text
 
