@@ -25,9 +25,18 @@ from retrieval import maps
 from retrieval.api import open_index
 from retrieval.cli import app
 from retrieval.errors import RetrieveError, UnknownNameError
-from retrieval.maps import MapConfig, ProjectionParams, build_map, grid_assign, project, stratified_sample
+from retrieval.maps import (
+    MapConfig,
+    MapPage,
+    ProjectionParams,
+    build_map,
+    grid_assign,
+    project,
+    stratified_sample,
+)
 from retrieval.maps import projection as map_projection
 from retrieval.maps.grid import _unit
+from retrieval.maps.page import page_payload
 
 runner = CliRunner()
 # Linux file names cannot hold "/", so this is the folder `"><script>alert(1)<` (which is also the
@@ -547,3 +556,86 @@ def test_malicious_file_name_does_not_execute(session: Session, browser, page_fi
     assert s2.js("document.querySelectorAll('img, iframe, object, embed').length") == 0
     assert s2.dialogs == [] and s2.errors == [] and s2.blocked == []
     s2.page.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# What a newcomer meets on the page (issue #21)
+
+
+def test_labels_and_groups_are_in_natural_order() -> None:
+    labels = ["c10", "c2", "c1", "c2", "C3"]
+    page = MapPage(
+        coords=np.zeros((5, 2)),
+        paths=[f"{i}.png" for i in range(5)],
+        labels=labels,
+        ids=np.arange(5),
+        neighbours=np.full((5, 1), -1),
+        distances=np.zeros((5, 1)),
+        thumb_size=32,
+        total=5,
+    )
+    d = page_payload(page)
+    assert d["labelNames"] == ["c1", "c2", "C3", "c10"] == d["groupNames"]
+
+
+@pytest.mark.browser
+def test_class_frames_are_visible_at_the_default_zoom(session: Session) -> None:
+    # 1-px frames at the default zoom left the legend matching nothing visible.
+    frame, side = session.js("__map.frameSide"), session.js("__map.thumbSide")
+    assert frame >= 3
+    shot = np.asarray(Image.open(io.BytesIO(session.page.screenshot())).convert("RGB")).astype(int)
+    seen = 0
+    for i in range(40):
+        x, y = session.js(f"__map.screenPos({i})")
+        px = shot[round(y), round(x - side / 2 - frame / 2)]
+        seen += int(np.abs(px - np.array(session.js(f"__map.colorOf({i})"))).max() <= 40)
+    assert seen >= 20, seen  # neighbours overlapping a frame may hide it: most are visible
+
+
+@pytest.mark.browser
+def test_legend_is_reachable_from_the_keyboard(session: Session) -> None:
+    items = session.page.locator("#legend li")
+    assert items.count() >= 2 and items.first.get_attribute("tabindex") == "0"
+    assert session.page.text_content("#legend-title") == "Classes"
+    items.first.focus()
+    session.redraw(lambda: session.page.keyboard.press("Enter"))
+    assert items.first.get_attribute("aria-pressed") == "false" and "off" in items.first.get_attribute(
+        "class"
+    )
+    session.redraw(lambda: session.page.keyboard.press(" "))
+    assert items.first.get_attribute("aria-pressed") == "true"
+
+
+@pytest.mark.browser
+def test_a_search_without_a_match_leaves_the_map_as_it_was(session: Session) -> None:
+    before = session.page.locator("#map").screenshot()
+    session.page.fill("#search", "no-such-file-anywhere")
+    session.page.press("#search", "Enter")
+    session.wait("document.getElementById('search-count').textContent === 'no match'")
+    assert session.page.locator("#map").screenshot() == before
+
+
+@pytest.mark.browser
+def test_clicked_image_links_its_original_file(session: Session, index: Path) -> None:
+    path = "train/heart/0003.png"
+    session.page.mouse.click(*session.point(path))
+    session.wait("__map.focus >= 0")
+    href = session.page.get_attribute("#open-original", "href")
+    assert href == (open_index(index).root / path).as_uri()
+    assert session.page.is_visible("#open-original")
+
+
+@pytest.mark.browser
+def test_the_toolbar_is_one_row_at_1400_px(browser, page_file: Path) -> None:
+    s = Session(browser, page_file)
+    try:
+        s.page.set_viewport_size({"width": 1400, "height": 800})
+        tops = s.js(
+            "[...document.querySelectorAll('#bar > *')].filter(e => e.offsetParent).map(e => e.offsetTop)"
+        )
+        bar = s.js("document.getElementById('bar').offsetHeight")
+        assert bar < 50 and max(tops) - min(tops) < 20, (bar, tops)
+        s.page.set_viewport_size({"width": 1000, "height": 800})
+        assert s.js("document.getElementById('bar').offsetHeight") < 50
+    finally:
+        s.page.close()

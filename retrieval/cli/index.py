@@ -252,6 +252,8 @@ def info_cli(
     """
     from collections import Counter
 
+    from retrieval.text import natural_sorted
+
     idx = open_one(index, index_opt, announce=False)  # the table names it
     m = idx.manifest
     if as_json:
@@ -261,6 +263,7 @@ def info_cli(
     table.add_column(style="bold")
     table.add_column()
     w = m.weights
+    counts = Counter(idx.labels)
     rows = [
         ("root", m.root),
         ("backbone", f"{m.backbone}  layer {m.layer or '-'}  {m.dim}-d"),
@@ -268,7 +271,7 @@ def info_cli(
         ("preprocess", ", ".join(f"{k}={v}" for k, v in m.preprocess.to_dict().items())),
         ("metric", m.metric + ("  (mirror-averaged embeddings: --tta)" if m.tta else "")),
         ("images", f"{m.counts.indexed} indexed, {m.counts.skipped} skipped"),
-        ("labels", ", ".join(f"{k} ({v})" for k, v in sorted(Counter(idx.labels).items())[:20])),
+        ("labels", ", ".join(f"{k} ({counts[k]})" for k in natural_sorted(counts)[:20])),
         ("generation", f"{m.generation}  committed {m.committed}"),
     ]
     for key, value in rows:

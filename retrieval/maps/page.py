@@ -78,10 +78,8 @@ def page_payload(page: MapPage) -> dict[str, Any]:
     if len(page.labels) != n_items or len(page.ids) != n_items or m > n_items:
         raise RetrieveError("map page: paths, labels and ids must cover every item, the shown ones first")
     groups = list(page.groups) if page.groups is not None else list(page.labels)
-    names, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    label_names, label_codes = np.unique(
-        np.asarray(page.labels, dtype=object).astype(str), return_inverse=True
-    )
+    names, codes = _natural_codes(groups)
+    label_names, label_codes = _natural_codes(page.labels)
     nb = np.asarray(page.neighbours, dtype=np.int64).reshape(m, -1)
     dist = np.asarray(page.distances, dtype=np.float32).reshape(m, -1)
     dist = np.where(np.isfinite(dist), dist, -1.0)
@@ -104,6 +102,17 @@ def page_payload(page: MapPage) -> dict[str, Any]:
         "thumb": {"size": page.thumb_size, "cols": atlas_columns(page.thumb_size)},
         "info": page.info,
     }
+
+
+def _natural_codes(values: Sequence[object]) -> tuple[list[str], np.ndarray]:
+    """The distinct values in natural order (c2 before c10) and each value's code: the legend and
+    the colours follow that order."""
+    from retrieval.text import natural_sorted
+
+    text = [str(v) for v in values]
+    names = natural_sorted(set(text))
+    code_of = {name: i for i, name in enumerate(names)}
+    return names, np.array([code_of[t] for t in text], dtype=np.int64)
 
 
 def render_map(out: str | os.PathLike, page: MapPage, atlases: Sequence[bytes]) -> int:

@@ -68,7 +68,7 @@
   for (let g = 0; g < G; g++) {
     if (G === 1) rgb.push([70, 110, 170]);
     else if (g < BASE.length) { const h = BASE[g]; rgb.push([1, 3, 5].map((o) => parseInt(h.slice(o, o + 2), 16))); }
-    else rgb.push(hsl((g * 137.508) % 360, 0.6, 0.45 + 0.1 * (g % 3)));
+    else rgb.push(hsl((g * 137.508) % 360, [0.85, 0.55][g % 2], [0.42, 0.58, 0.32][Math.floor(g / 2) % 3]));
   }
   const css = rgb.map(([r, g, b]) => `rgb(${r},${g},${b})`);
   const packed = new Uint32Array(G); // ImageData pixels are RGBA bytes: little-endian ABGR words
@@ -89,6 +89,7 @@
   let sizeExp = 0;
   const baseWorld = Math.min(0.08, Math.max(0.002, 0.9 / Math.sqrt(Math.max(N, 1))));
   const thumbPx = () => baseWorld * Math.pow(2, sizeExp) * scale;
+  const frameWidth = (s) => Math.max(Math.round(3 * dpr), Math.round(s * 0.1));
   // Thumbnails per frame; the rest stay dots. A thumbnail costs ~7 us in software-rasterised
   // headless Chromium and 100k dots ~9 ms, so 2500 keeps a frame near 25 ms (bench/map.py).
   const BUDGET = 2500;
@@ -219,7 +220,9 @@
     // Class-coloured frames of the thumbnails go into the pixel buffer too: a fillStyle change and a
     // fillRect per thumbnail cost about as much as the image itself. The thumbnail drawn on top
     // covers the inside of its frame; overlapping neighbours may cover the rest.
-    const border = useThumbs && s >= 16 ? Math.max(1, Math.round(s * 0.05)) : 0;
+    // The class must be visible at every zoom: at least 3 device pixels of frame (1 px was lost
+    // against the thumbnail at the default zoom, so the legend matched nothing visible).
+    const border = useThumbs ? frameWidth(s) : 0;
     if (border) {
       const span = Math.round(s) + 2 * border;
       for (let c = 0; c < nc; c++) {
@@ -345,12 +348,17 @@
 
   const legend = $("legend");
   const legendItems = [];
-  const byCount = Array.from({ length: G }, (_, g) => g).sort((a, b) => groupCount[b] - groupCount[a] || (D.groupNames[a] < D.groupNames[b] ? -1 : 1));
+  // Largest first; equal counts in the names' natural order (c2 before c10: the page's group ids
+  // are in that order already).
+  const byCount = Array.from({ length: G }, (_, g) => g).sort((a, b) => groupCount[b] - groupCount[a] || a - b);
+  $("legend-title").textContent = info.colorBy === "folder" ? "Folders" : "Classes";
   for (const g of byCount) {
     const li = document.createElement("li");
     li.dataset.group = String(g);
     li.setAttribute("role", "button");
-    li.title = "show / hide";
+    li.setAttribute("aria-pressed", "true");
+    li.tabIndex = 0;
+    li.title = "show / hide (Enter or Space)";
     const sw = document.createElement("span");
     sw.className = "swatch";
     sw.style.background = css[g];
@@ -362,12 +370,16 @@
     count.textContent = fmt(groupCount[g]);
     li.append(sw, name, count);
     li.addEventListener("click", () => setHidden(g, !hidden[g]));
+    li.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); setHidden(g, !hidden[g]); }
+    });
     legend.append(li);
     legendItems[g] = li;
   }
   function setHidden(g, v) {
     hidden[g] = v ? 1 : 0;
     legendItems[g].classList.toggle("off", !!v);
+    legendItems[g].setAttribute("aria-pressed", v ? "false" : "true");
     schedule();
   }
   $("legend-all").addEventListener("click", () => { for (let g = 0; g < G; g++) setHidden(g, false); });
@@ -412,6 +424,13 @@
     if (i < 0) { panel.hidden = true; schedule(); return; }
     panel.hidden = false;
     const among = N === D.total ? "" : `, nearest among the ${fmt(N)} shown`;
+    const open = $("open-original");
+    // Built with the URL API from the index's root and the relative path: every character of
+    // the name is percent-encoded, none can become markup or script.
+    try {
+      open.href = new URL(paths[i].split("/").map(encodeURIComponent).join("/"), new URL(`file://${(info.root || "").replace(/\/?$/, "/")}`)).href;
+      open.hidden = false;
+    } catch (err) { open.hidden = true; }
     $("neighbours-of").textContent = `of ${paths[i]} (${D.labelNames[labelOf[i]]}), in the ${info.dim || ""}-d feature space (${info.metric || "l2"})${among}:`;
     for (let r = 0; r < K; r++) {
       const j = nbr[i * K + r];
@@ -436,11 +455,14 @@
     if (i < 0) { preview.hidden = true; hovered = -1; return; }
     if (i !== hovered) {
       hovered = i;
-      pctx.clearRect(0, 0, 192, 192);
+      const side = Math.min(192, 2 * TS);
+      const cv = $("preview-img");
+      if (cv.width !== side) { cv.width = cv.height = side; cv.style.width = cv.style.height = `${side}px`; }
+      pctx.clearRect(0, 0, side, side);
       pctx.imageSmoothingQuality = "high";
       const [img, sx, sy] = tile(i);
-      if (img) pctx.drawImage(img, sx, sy, TS, TS, 0, 0, 192, 192);
-      else { pctx.fillStyle = css[groupOf[i]]; pctx.fillRect(0, 0, 192, 192); }
+      if (img) pctx.drawImage(img, sx, sy, TS, TS, 0, 0, side, side);
+      else { pctx.fillStyle = css[groupOf[i]]; pctx.fillRect(0, 0, side, side); }
       $("preview-path").textContent = paths[i];
       $("preview-label").textContent = `${D.labelNames[labelOf[i]]} · id ${idOf[i]}`;
     }
@@ -466,7 +488,9 @@
     hits = new Uint8Array(N);
     hitList = [];
     for (let i = 0; i < N; i++) if (lower[i].includes(q)) { hits[i] = 1; hitList.push(i); }
-    $("search-count").textContent = `${fmt(hitList.length)} match${hitList.length === 1 ? "" : "es"}`;
+    // No match: say so and leave the map as it was, instead of dimming every image.
+    if (!hitList.length) hits = null;
+    $("search-count").textContent = hitList.length ? `${fmt(hitList.length)} match${hitList.length === 1 ? "" : "es"}` : "no match";
     panel.hidden = hitList.length === 0;
     for (const i of hitList.slice(0, 100)) list.append(entry(i, D.labelNames[labelOf[i]], () => { centreOn(i); showNeighbours(i); }));
     schedule();
@@ -607,6 +631,7 @@
     },
     itemOf(path) { return paths.indexOf(path); },
     pathOf(i) { return paths[i]; },
+    colorOf(i) { return rgb[groupOf[i]].slice(); },
   };
   Object.defineProperties(hook, {
     drawn: { get: () => stats.drawn, enumerable: true },
@@ -622,6 +647,8 @@
     lastPhases: { get: () => stats.phases.slice(), enumerable: true },
     selection: { get: () => selection.slice(), enumerable: true },
     focus: { get: () => focus, enumerable: true },
+    thumbSide: { get: () => thumbPx() / dpr, enumerable: true }, // CSS px
+    frameSide: { get: () => frameWidth(thumbPx()) / dpr, enumerable: true }, // CSS px
   });
   Object.freeze(hook);
   Object.defineProperty(window, "__map", { value: hook, writable: false, configurable: false });
