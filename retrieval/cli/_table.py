@@ -81,7 +81,7 @@ def print_metrics(
     groups = column_groups(names, widths, fixed, width)
     for g, group in enumerate(groups):
         table = Table(
-            title=esc(caption) if g == 0 else f"{esc(caption)} (continued)",
+            title=esc(caption) if g == 0 else "(continued)",
             title_justify="left",
             caption="* best in column" if g == len(groups) - 1 and len(results) > 1 else None,
             caption_justify="left",
