@@ -98,6 +98,7 @@ def neighbour_blocks(
         labels, names = queries[0].labels, queries[0].paths
         files = [query_root / p for p in names]
     chosen = pick_queries(labels, n, seed)
+    space_names = _space_names(indexes)
     per_space: list[list[SpaceRow]] = [[] for _ in chosen]
     for s, index in enumerate(indexes):
         vectors = np.asarray(index.vectors(), np.float32)
@@ -112,7 +113,7 @@ def neighbour_blocks(
             ids = np.array([i[m] for i, m in zip(ids, keep, strict=True)])
         else:
             dist, ids = exact_neighbours(vectors, queries[s].vectors[chosen], k, index.metric)
-        name = index.path.name
+        name = space_names[s]
         for row, c in enumerate(chosen):
             q = Cell(files[c], names[c], labels[c])
             cells = tuple(
@@ -128,6 +129,54 @@ def neighbour_blocks(
             )
             per_space[row].append(SpaceRow(name, q, cells))
     return [QueryBlock(rows[0].query, tuple(rows)) for rows in per_space]
+
+
+def _space_names(indexes: Sequence[Index]) -> list[str]:
+    """A row's name says the space: the backbone and its weights ("pixels", "lenet · best.pt",
+    "resnet18 · ImageNet"), with the index folder added where two would read the same."""
+    names = []
+    for index in indexes:
+        m = index.manifest
+        w = m.weights
+        if m.backbone == "pixels":
+            names.append("pixels")
+            continue
+        weights = {"none": "random weights", "imagenet": "ImageNet"}.get(w.kind, Path(w.id).name)
+        names.append(f"{m.backbone} · {weights}")
+    return [
+        f"{name} ({index.path.name})" if names.count(name) > 1 else name
+        for name, index in zip(names, indexes, strict=True)
+    ]
+
+
+def distance_format(values: Sequence[float]) -> str:
+    """One format for every distance on a sheet: three significant digits for the largest, the
+    same decimals for the rest (9.5, 10.1, 14.0 rather than 9.46, 10.1, 14); one per space."""
+    finite = [abs(v) for v in values if np.isfinite(v)]
+    top = max(finite, default=0.0)
+    decimals = 3 if top == 0 else max(0, 2 - int(np.floor(np.log10(top))))
+    return f"{{:.{decimals}f}}"
+
+
+LEGEND = (
+    "Each row: the query (blue), then its nearest neighbours in one space, nearest first, with label "
+    "and distance. A red outline marks a neighbour whose label differs from the query's."
+)
+
+
+def same_label(row: SpaceRow) -> str:
+    """ "4/5 same label": the row's precision, in words."""
+    wrong = sum(c.wrong for c in row.neighbours)
+    return f"{len(row.neighbours) - wrong}/{len(row.neighbours)} same label"
+
+
+def _distances(blocks: Sequence[QueryBlock]) -> dict[str, str]:
+    """The distance format of each space (spaces differ in scale: pixels ~10, a network ~0.1)."""
+    values: dict[str, list[float]] = {}
+    for b in blocks:
+        for r in b.rows:
+            values.setdefault(r.space, []).extend(c.distance for c in r.neighbours if c.distance is not None)
+    return {space: distance_format(v) for space, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +216,7 @@ figure { margin: 0; width: 100px; text-align: center; }
 figure img { width: 96px; height: 96px; border: 2px solid transparent; display: block; margin: 0 auto; }
 figure.query img { border-color: #2a6fdb; }
 figure.wrong img { border-color: #d62728; outline: 2px solid #d62728; }
-figcaption { font-size: 11px; overflow-wrap: anywhere; }
+figcaption { font-size: 11px; } figcaption .name { overflow-wrap: normal; word-break: keep-all; }
 figcaption .label { font-weight: 600; } figure.wrong .label { color: #d62728; }
 """
 
@@ -182,12 +231,18 @@ def render_html(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours",
             cache[cell.file] = _data_uri(thumbnail(cell.file))
         return cache[cell.file]
 
-    def figure(cell: Cell, kind: str) -> str:
-        dist = "query" if cell.distance is None else f"d = {cell.distance:.4g}"
+    fmt = _distances(blocks)
+
+    def breakable(name: str) -> str:
+        # Long paths may break after a folder, never inside a name or its extension.
+        return "/<wbr>".join(esc(part) for part in name.split("/"))
+
+    def figure(cell: Cell, kind: str, space: str) -> str:
+        dist = "query" if cell.distance is None else f"d = {fmt[space].format(cell.distance)}"
         return (
             f'<figure class="{kind}"><img src="{uri(cell)}" alt="{esc(cell.name)}" title="{esc(cell.name)}">'
             f'<figcaption><span class="label">{esc(cell.label)}</span><br>{esc(dist)}'
-            f"<br>{esc(cell.name)}</figcaption></figure>"
+            f'<br><span class="name">{breakable(cell.name)}</span></figcaption></figure>'
         )
 
     parts = [
@@ -195,21 +250,17 @@ def render_html(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        '<p class="legend">Each row: the query (blue), then its nearest neighbours in one space, nearest '
-        "first, with label and distance. A red outline marks a neighbour whose label differs from the "
-        f"query's.{(' ' + esc(note)) if note else ''}</p>",
+        f'<p class="legend">{esc(LEGEND)}{(" " + esc(note)) if note else ""}</p>',
     ]
     for block in blocks:
         parts.append('<section class="block">')
         parts.append(f"<h2>{esc(block.query.name)} <small>({esc(block.query.label)})</small></h2>")
         for row in block.rows:
-            wrong = sum(c.wrong for c in row.neighbours)
             parts.append(
-                f'<div class="row"><div class="space">{esc(row.space)}<br>'
-                f"<small>{len(row.neighbours) - wrong}/{len(row.neighbours)} same label</small></div>"
+                f'<div class="row"><div class="space">{esc(row.space)}<br><small>{same_label(row)}</small></div>'
             )
-            parts.append(figure(row.query, "query"))
-            parts.extend(figure(c, "wrong" if c.wrong else "hit") for c in row.neighbours)
+            parts.append(figure(row.query, "query", row.space))
+            parts.extend(figure(c, "wrong" if c.wrong else "hit", row.space) for c in row.neighbours)
             parts.append("</div>")
         parts.append("</section>")
     parts.append("</body></html>")
@@ -220,46 +271,74 @@ def render_html(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours",
 # PNG
 
 
-def render_png(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours") -> Image.Image:
-    """The same sheet as one image: a header line per query, a row per space."""
+def render_png(
+    blocks: Sequence[QueryBlock], title: str = "Nearest neighbours", note: str = ""
+) -> Image.Image:
+    """The same sheet as one image that stands alone on a slide: the title and the legend, a header
+    line per query, a row per space with its "4/5 same label", every distance in one format."""
+    import textwrap
+
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=11)
     bold = ImageFont.load_default(size=13)
-    pad, cell_w, caption_h, label_w, header_h = 6, THUMB + 8, 30, 150, 22
+    pad, cell_w, caption_h, label_w, header_h = 6, THUMB + 8, 30, 170, 22
     k = max((len(r.neighbours) for b in blocks for r in b.rows), default=0)
-    width = label_w + (k + 1) * cell_w + 2 * pad
+    width = max(label_w + (k + 1) * cell_w + 2 * pad, 520)
+    legend = textwrap.wrap(LEGEND + (" " + note if note else ""), width=max(40, (width - 2 * pad) // 6))
+    top = 30 + 15 * len(legend) + pad
     row_h = THUMB + 8 + caption_h
-    height = 30 + sum(header_h + len(b.rows) * row_h + pad for b in blocks) + pad
+    height = top + sum(header_h + len(b.rows) * row_h + pad for b in blocks) + pad
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((pad, pad), title, fill=(20, 20, 20), font=bold)
+    for i, line in enumerate(legend):
+        draw.text((pad, 28 + 15 * i), line, fill=(85, 85, 85), font=font)
     thumbs: dict[Path, Image.Image] = {}
+    fmt = _distances(blocks)
 
-    def short(text: str, n: int = 16) -> str:
-        return text if len(text) <= n else "…" + text[-(n - 1) :]
+    def fit(text: str, room: int, f: ImageFont.ImageFont) -> str:
+        # Cut at the front (the end of a path says most), and never inside the extension.
+        if draw.textlength(text, font=f) <= room:
+            return text
+        while text and draw.textlength("…" + text, font=f) > room:
+            text = text[1:]
+        return "…" + text
 
-    def put(cell: Cell, x: int, y: int, colour: tuple[int, int, int] | None) -> None:
+    def put(cell: Cell, x: int, y: int, colour: tuple[int, int, int] | None, space: str) -> None:
         if cell.file not in thumbs:
             thumbs[cell.file] = thumbnail(cell.file)
         if colour is not None:
             draw.rectangle((x, y, x + THUMB + 5, y + THUMB + 5), outline=colour, width=3)
         sheet.paste(thumbs[cell.file], (x + 3, y + 3))
-        dist = "query" if cell.distance is None else f"{cell.distance:.3g}"
-        draw.text((x + 2, y + THUMB + 8), short(cell.label), fill=colour or (20, 20, 20), font=font)
+        dist = "query" if cell.distance is None else fmt[space].format(cell.distance)
+        draw.text(
+            (x + 2, y + THUMB + 8), fit(cell.label, cell_w - 4, font), fill=colour or (20, 20, 20), font=font
+        )
         draw.text((x + 2, y + THUMB + 20), dist, fill=(90, 90, 90), font=font)
 
-    y = 30
+    y = top
     for block in blocks:
-        draw.text((pad, y + 4), f"{block.query.name} ({block.query.label})", fill=(20, 20, 20), font=bold)
+        draw.text(
+            (pad, y + 4),
+            fit(f"{block.query.name} ({block.query.label})", width - 2 * pad, bold),
+            fill=(20, 20, 20),
+            font=bold,
+        )
         y += header_h
         for row in block.rows:
-            draw.text((pad, y + THUMB // 2), short(row.space, 22), fill=(20, 20, 20), font=bold)
+            draw.text(
+                (pad, y + THUMB // 2 - 8),
+                fit(row.space, label_w - 2 * pad, bold),
+                fill=(20, 20, 20),
+                font=bold,
+            )
+            draw.text((pad, y + THUMB // 2 + 8), same_label(row), fill=(85, 85, 85), font=font)
             x = label_w
-            put(row.query, x, y, (42, 111, 219))
+            put(row.query, x, y, (42, 111, 219), row.space)
             for cell in row.neighbours:
                 x += cell_w
-                put(cell, x, y, (214, 39, 40) if cell.wrong else None)
+                put(cell, x, y, (214, 39, 40) if cell.wrong else None, row.space)
             y += row_h
         y += pad
     return sheet
@@ -280,6 +359,6 @@ def write_sheet(
     png = out.with_suffix(".png")
     page = render_html(blocks, title, note).encode("utf-8")
     atomic_write(out, lambda fh: fh.write(page))
-    image = render_png(blocks, title)
+    image = render_png(blocks, title, note)
     atomic_write(png, lambda fh: image.save(fh, format="PNG"))
     return out, png

@@ -344,7 +344,7 @@ class _Collect(HTMLParser):
         self.text: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag not in ("img", "meta", "br", "link"):
+        if tag not in ("img", "meta", "br", "wbr", "link"):  # void elements
             self.stack.append(tag)
         if tag == "img":
             self.imgs += 1
@@ -479,3 +479,50 @@ def test_sheet_queries_spread_over_labels_by_seed_not_text_order() -> None:
     assert (
         sorted(labels_[0] for labels_ in (uneven[i] for i in pick_queries(uneven, 6, 0))) == ["a"] + ["b"] * 5
     )
+
+
+def test_sheet_distances_share_one_format() -> None:
+    from retrieval.sheet import distance_format
+
+    fmt = distance_format([9.46, 10.1, 14.0])
+    assert [fmt.format(v) for v in (9.46, 10.1, 14.0)] == ["9.5", "10.1", "14.0"]
+    assert distance_format([0.01234, 0.5]).format(0.01234) == "0.012"
+    assert distance_format([123.4]).format(123.4) == "123"
+    assert distance_format([]).format(0.0) == "0.000"
+
+
+def test_sheet_rows_name_the_space_and_the_png_stands_alone(spaces: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "sheet.html"
+    args = [
+        "neighbours",
+        str(spaces["pixels"]),
+        str(spaces["lenet"]),
+        "-n",
+        "3",
+        "-k",
+        "4",
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    # Rows are the spaces (backbone and weights), not the index folders' names.
+    assert '<div class="space">pixels<br>' in page and '<div class="space">lenet · random weights<br>' in page
+    assert '<div class="space">idx-' not in page
+    # Every distance printed with the decimals of the largest one.
+    import re
+
+    rows = re.findall(r'<div class="row">(.*?)</div>\n(?=<div class="row">|</section>)', page, re.S)
+    assert len(rows) == 3 * 2
+    for row in rows:
+        shown = re.findall(r"d = ([0-9.]+)", row)
+        assert len(shown) == 4 and len({len(d.split(".")[-1]) if "." in d else 0 for d in shown}) == 1
+    # The PNG carries the legend under its title and a "same label" count per row: ink where the
+    # old PNG had white between the title and the first query.
+    from retrieval.sheet import LEGEND, render_png
+
+    png = np.asarray(Image.open(out.with_suffix(".png")).convert("L"))
+    legend_band = png[28:42, 6:400]
+    assert (legend_band < 128).mean() > 0.02 and "red outline" in LEGEND
+    assert render_png([], "t").height < png.shape[0]
