@@ -143,3 +143,17 @@ def test_every_help_page_teaches_in_one_style(words: list[str]) -> None:
         line, nxt = line.rstrip(), nxt.strip()
         if line.strip() and nxt and not line.startswith("   ") and not nxt.startswith("retrieve "):
             assert len(line) + 1 + len(nxt.split()[0]) > width - 2, (line, nxt)
+
+
+def test_info_says_each_thing_once(two: dict[str, Path]) -> None:
+    r = invoke("info", two["px"], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in r.stdout.splitlines()
+        if line.count("│") >= 3
+    }
+    assert rows["backbone"] == "pixels  3072-d"  # no "layer -" for a space without a network
+    assert "pixels: pixels" not in r.stdout and rows["weights"] == "none: raw pixels, no network"
+    r = invoke("info", two["rnd"], env={"COLUMNS": "120"})
+    assert "layer " in r.stdout and "none: random-init" in r.stdout

@@ -266,8 +266,8 @@ def info_cli(
     counts = Counter(idx.labels)
     rows = [
         ("root", m.root),
-        ("backbone", f"{m.backbone}  layer {m.layer or '-'}  {m.dim}-d"),
-        ("weights", f"{w.kind}: {w.id}" + (f"  sha256 {w.sha256[:16]}…" if w.sha256 else "")),
+        ("backbone", f"{m.backbone}  {m.dim}-d" + (f"  layer {m.layer}" if m.layer else "")),
+        ("weights", _weights_row(w)),
         ("preprocess", ", ".join(f"{k}={v}" for k, v in m.preprocess.to_dict().items())),
         ("metric", m.metric + ("  (mirror-averaged embeddings: --tta)" if m.tta else "")),
         ("images", f"{m.counts.indexed} indexed, {m.counts.skipped} skipped"),
@@ -285,6 +285,12 @@ def info_cli(
         if skipped:
             for r in ledger:
                 console.print(f"  {r['path']}: {r['reason']}", highlight=False, markup=False)
+
+
+def _weights_row(w) -> str:  # w: retrieval.store.WeightsRecord
+    if w.kind == "pixels":
+        return "none: raw pixels, no network"
+    return f"{w.kind}: {w.id}" + (f"  sha256 {w.sha256[:16]}…" if w.sha256 else "")
 
 
 @command("backbones")
