@@ -107,3 +107,37 @@ def test_distances_are_exact_for_large_norms_whatever_the_batch(metric: str) -> 
             truth = 1.0 - x[ids[0]] @ x[0]
         np.testing.assert_allclose(d[0], truth, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(batched[0][:1], single[0])
+
+
+def test_normalize_rows_gives_float32_unit_rows_and_keeps_zero_rows_zero() -> None:
+    # Survivors of a mutation run: a float64 input stayed float64, and without `out=` the zero
+    # rows of np.divide(where=...) are whatever memory held (not zero).
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.normal(size=(64, 8)) * 100  # float64 in
+        x[::7] = 0.0
+        y = normalize_rows(x)
+        assert y.dtype == np.float32
+        norms = np.linalg.norm(y.astype(np.float64), axis=1)
+        np.testing.assert_allclose(norms[np.linalg.norm(x, axis=1) > 0], 1.0, rtol=1e-6)
+        assert (y[::7] == 0).all()
+        np.testing.assert_allclose(y[1], x[1] / np.linalg.norm(x[1]), rtol=1e-6)
+    assert normalize_rows(np.array([[3, 4]])).tolist() == [[0.6000000238418579, 0.800000011920929]]
+
+
+def test_index_kinds_register_once_and_the_manifest_record_picks_one(tmp_path) -> None:
+    from retrieval.index import base
+    from retrieval.index.base import load_index, register_kind
+
+    with pytest.raises(RetrieveError, match="registered twice"):
+        register_kind("exact", lambda path, metric, record: ExactIndex(metric=metric))
+    opened = []
+    register_kind("test-kind", lambda path, metric, record: opened.append((path, metric, record)) or "made")
+    try:
+        record = {"type": "test-kind", "n": 3}
+        assert load_index(tmp_path / "x", "cosine", record, "idx") == "made"
+        assert opened == [(tmp_path / "x", "cosine", record)]
+        with pytest.raises(RetrieveError, match="'nope' search index"):
+            load_index(tmp_path / "x", "l2", {"type": "nope"}, "idx")
+    finally:
+        base._KINDS.pop("test-kind")
