@@ -141,3 +141,16 @@ def test_index_kinds_register_once_and_the_manifest_record_picks_one(tmp_path) -
             load_index(tmp_path / "x", "l2", {"type": "nope"}, "idx")
     finally:
         base._KINDS.pop("test-kind")
+
+
+def test_drop_self_pads_short_rows_with_minus_one_and_infinity() -> None:
+    from retrieval.index import drop_self
+
+    # Row 0: itself first; row 1: itself absent (a duplicate ranked ahead), row 2: FAISS ran out
+    # of neighbours (-1) and the row is padded, float64 distances in.
+    ids = np.array([[5, 1, 2], [7, 8, 9], [3, -1, -1]])
+    dist = np.array([[0.0, 1.0, 2.0], [0.5, 1.5, 2.5], [0.0, np.inf, np.inf]])
+    out_ids, out_d = drop_self(ids, dist, np.array([5, 6, 3]), k=2)
+    assert out_ids.tolist() == [[1, 2], [7, 8], [-1, -1]]
+    assert out_d.dtype == np.float32
+    assert out_d[:2].tolist() == [[1.0, 2.0], [0.5, 1.5]] and np.isposinf(out_d[2]).all()
