@@ -64,20 +64,22 @@ def tidy_param(param: click.Parameter) -> None:
         param.show_default = (m.group("a") or m.group("b")).strip()
 
 
-class _Command(TyperCommand):
+class _TidyParams:
+    """Mixed into typer's command and group classes: their parameters tidied as they are listed."""
+
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        params = super().get_params(ctx)
+        params = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
             tidy_param(param)
         return params
 
 
-class _Group(TyperGroup):
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        params = super().get_params(ctx)
-        for param in params:
-            tidy_param(param)
-        return params
+class _Command(_TidyParams, TyperCommand):
+    pass
+
+
+class _Group(_TidyParams, TyperGroup):
+    pass
 
 
 class _Typer(typer.Typer):
