@@ -639,3 +639,38 @@ def test_the_toolbar_is_one_row_at_1400_px(browser, page_file: Path) -> None:
         assert s.js("document.getElementById('bar').offsetHeight") < 50
     finally:
         s.page.close()
+
+
+@pytest.mark.browser
+def test_a_hundred_classes_get_colours_that_can_be_told_apart(browser, tmp_path: Path) -> None:
+    # 101 classes: the old palette had 63 pairs of colours closer than 20 RGB units.
+    import math
+
+    from retrieval.maps import render_map
+
+    n = 101
+    rng = np.random.default_rng(0)
+    page = MapPage(
+        coords=rng.normal(size=(n, 2)),
+        paths=[f"c{i}/0.png" for i in range(n)],
+        labels=[f"c{i}" for i in range(n)],
+        ids=np.arange(n),
+        neighbours=np.full((n, 1), -1),
+        distances=np.zeros((n, 1)),
+        thumb_size=32,
+        total=n,
+    )
+    render_map(tmp_path / "m.html", page, [])
+    tab = browser.new_page()
+    try:
+        tab.goto((tmp_path / "m.html").as_uri())
+        end = time.monotonic() + 20
+        while not tab.evaluate("!!window.__map"):
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        colours = [tuple(c) for c in tab.evaluate(f"[...Array({n}).keys()].map(i => __map.colorOf(i))")]
+    finally:
+        tab.close()
+    assert len(set(colours)) == n
+    close = sum(math.dist(a, b) < 20 for a, b in itertools.combinations(colours, 2))
+    assert close <= 5, close
