@@ -154,3 +154,49 @@ def test_drop_self_pads_short_rows_with_minus_one_and_infinity() -> None:
     assert out_ids.tolist() == [[1, 2], [7, 8], [-1, -1]]
     assert out_d.dtype == np.float32
     assert out_d[:2].tolist() == [[1.0, 2.0], [0.5, 1.5]] and np.isposinf(out_d[2]).all()
+
+
+def _brute(x: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    x, q = x.astype(np.float64), q.astype(np.float64)
+    if metric == "l2":
+        return np.sqrt(((q[:, None] - x[None]) ** 2).sum(-1))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return 1.0 - qn @ xn.T
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_unrefined_search_gives_true_distances_too(metric: str) -> None:
+    # refine=False (eval's deep searches, the map's graph) converts FAISS's own numbers: squared
+    # L2 to L2, inner product to 1 - cosine; ids FAISS ran out of (k > n) get infinity.
+    rng = np.random.default_rng(3)
+    x, q = rng.normal(size=(50, 6)).astype(np.float32), rng.normal(size=(7, 6)).astype(np.float32)
+    q[0] = x[3] + 0.01  # a near-duplicate: squared distance far below 1
+    dist, ids = ExactIndex(metric=metric).fit(x).search(q, 55, refine=False)
+    assert dist.dtype == np.float32 and ids.dtype == np.int64
+    full = _brute(x, q, metric)
+    assert (ids[:, 50:] == -1).all() and np.isposinf(dist[:, 50:]).all()
+    np.testing.assert_allclose(dist[:, :50], np.take_along_axis(full, ids[:, :50], 1), atol=2e-5)
+    np.testing.assert_allclose(dist[:, :50], np.sort(full, axis=1), atol=2e-5)
+
+
+def test_one_vector_index_and_ties_keep_faiss_order() -> None:
+    one = ExactIndex().fit(np.ones((1, 4), np.float32))
+    dist, ids = one.search(np.zeros((2, 4), np.float32), 3)
+    assert ids.tolist() == [[0, -1, -1]] * 2 and dist[:, 0].tolist() == [2.0, 2.0]
+    assert np.isposinf(dist[:, 1:]).all()
+    # Three distinct rows repeated 30 times: distances tie in groups, and within a group the refined
+    # order is FAISS's (by id), as a stable sort keeps it.
+    rows = np.tile(np.array([[2, 0], [1, 0], [3, 0]], np.float32), (30, 1))
+    same = ExactIndex().fit(rows)
+    dist, refined = same.search(np.zeros((1, 2), np.float32), 90)
+    assert dist.ravel().tolist() == [1.0] * 30 + [2.0] * 30 + [3.0] * 30
+    assert refined.ravel().tolist() == list(range(1, 90, 3)) + list(range(0, 90, 3)) + list(range(2, 90, 3))
+
+
+def test_add_without_fit_and_the_record_the_manifest_keeps() -> None:
+    idx = ExactIndex(metric="cosine")
+    idx.add(np.eye(3, dtype=np.float32))  # no fit first: the first block makes the index
+    assert idx.ntotal == 3 and idx.search(np.eye(3, dtype=np.float32), 1)[1].ravel().tolist() == [0, 1, 2]
+    assert idx.record() == {"type": "exact", "faiss": "IndexFlatIP"}
+    assert ExactIndex().fit(np.eye(2, dtype=np.float32)).record() == {"type": "exact", "faiss": "IndexFlatL2"}
