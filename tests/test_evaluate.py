@@ -526,3 +526,55 @@ def test_sheet_rows_name_the_space_and_the_png_stands_alone(spaces: dict[str, Pa
     legend_band = png[28:42, 6:400]
     assert (legend_band < 128).mean() > 0.02 and "red outline" in LEGEND
     assert render_png([], "t").height < png.shape[0]
+
+
+# -- hand-computed cases for what a mutation run found unguarded --------------------------------
+
+
+def test_count_tied_counts_queries_with_equal_distances_in_their_first_k_plus_one() -> None:
+    from retrieval.evaluate import metrics as m
+
+    d = np.array(
+        [
+            [0.1, 0.2, 0.3, 0.3],  # tie at ranks 3-4: inside k + 1 = 4 for k = 3, outside for k = 2
+            [0.1, 0.1, 0.5, 0.6],  # tie at ranks 1-2
+            [0.1, 0.2, np.inf, np.inf],  # missing neighbours: not a tie
+            [0.4, 0.5, 0.6, 0.7],
+        ]
+    )
+    assert m.count_tied(d, 3) == 2 and m.count_tied(d, 2) == 1 and m.count_tied(d, 1) == 1
+    assert m.count_tied(d[2:], 3) == 0
+
+
+def test_per_query_ap_and_r_metrics_with_one_relevant_item() -> None:
+    from retrieval.evaluate import metrics as m
+
+    rel = np.array([[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
+    # Query 0 has a single relevant item, at rank 2: AP 1/2, recall@2 1, R-precision 0, MAP@R 0.
+    n_rel = np.array([1, 3, 0])
+    np.testing.assert_allclose(m.average_precision(rel, n_rel), [1 / 2, (1 + 2 / 3) / 3, 0.0])
+    np.testing.assert_allclose(m.average_precision(rel), [1 / 2, (1 + 2 / 3) / 2, 0.0])  # n_rel from rel
+    np.testing.assert_allclose(m.recall_at_k(rel, n_rel, 2), [1.0, 1 / 3, 0.0])
+    np.testing.assert_allclose(m.r_precision(rel, np.array([1, 3, 1])), [0.0, 2 / 3, 0.0])
+    rel1 = np.array([[1, 0, 0, 0], [0, 1, 1, 1]], bool)
+    np.testing.assert_allclose(m.r_precision(rel1, np.array([1, 1])), [1.0, 0.0])
+    np.testing.assert_allclose(m.map_at_r(rel1, np.array([1, 1])), [1.0, 0.0])
+    with pytest.raises(ValueError, match="need 5 neighbours per query for R-based metrics, got 4"):
+        m.map_at_r(rel, np.array([5, 1, 1]))
+
+
+def test_knn_ignores_missing_neighbours_and_means_skip_queries_without_relevant_items() -> None:
+    from retrieval.evaluate import metrics as m
+
+    codes = np.array([[1, -1, -1], [-1, -1, 1], [2, 1, 1]])
+    np.testing.assert_allclose(m.knn_accuracy(codes, np.array([1, 1, 1]), 3), [1.0, 1.0, 1.0])
+    # ranked_metrics marks missing neighbours (-1 ids) so that they never vote for class 1.
+    db = np.array([0, 1, 1])
+    out = m.ranked_metrics(np.array([[2, -1, -1]]), np.array([0]), np.array([1]), db, [3])
+    assert out["kNN@3"].tolist() == [0.0]
+    out = m.ranked_metrics(np.array([[0, -1, -1]]), np.array([1]), np.array([1]), np.array([0, 1, 2]), [3])
+    assert out["kNN@3"].tolist() == [0.0]
+    per = {"P@1": np.array([1.0, 0.0]), "kNN@1": np.array([1.0, 0.0])}
+    means = m.mean_over_queries(per, ["P@1", "kNN@1"], np.array([False, False]))
+    assert np.isnan(means["P@1"]) and means["kNN@1"] == 0.5
+    assert m.recall_vs_exact(np.array([[4]]), np.array([[4]]), 1) == 1.0
