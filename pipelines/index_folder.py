@@ -14,7 +14,7 @@ import numpy as np
 from pipelines.runner import ENGINES as RUNNER_ENGINES
 from pipelines.runner import Settings, StageTimer, run
 from retrieval.config import IndexConfig
-from retrieval.errors import EmptyInputError, RetrieveError
+from retrieval.errors import EmptyInputError, NoSpaceError, RetrieveError
 from retrieval.paths import user_path
 from retrieval.progress import Progress
 from retrieval.store.space import build_bytes, check_room, free_bytes, is_no_space, no_space
@@ -268,7 +268,12 @@ def _build_index(
     staging = Staging(index_dir, manifest.run_key(), config.shard_rows, config.flush_seconds)
     todo = _to_do(staging, entries, problems, progress)
     needed = build_bytes(mapper.backbone.dim, len(todo), len(entries))
-    check_room(index_dir, needed, _live(index_dir))
+    try:
+        check_room(index_dir, needed, _live(index_dir))
+    except NoSpaceError:
+        # Refused before any work: a staging area holding nothing yet is not left behind.
+        staging.drop_if_empty()
+        raise
     runtime = mapper.runtime
     settings = Settings(
         batch_size=config.batch_size or default_batch_size(runtime),

@@ -56,13 +56,13 @@ def pick_queries(labels: Sequence[str], n: int, seed: int = 0) -> list[int]:
     """`n` positions spread evenly over the labels, seeded: each round draws one image from every
     label still holding one, and a last partial round draws its labels at random, so with 17
     classes and n=8 the seed decides which 8 classes show (not always the first 8 in text order)."""
-    from retrieval.text import natural_key
+    from retrieval.text import natural_sorted
 
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[int]] = {}
     for i, lab in enumerate(labels):
         by_label.setdefault(lab, []).append(i)
-    order = sorted(by_label, key=natural_key)
+    order = natural_sorted(by_label)
     queues = {lab: [int(i) for i in rng.permutation(by_label[lab])] for lab in order}
     picked: list[int] = []
     while len(picked) < min(n, len(labels)):
@@ -134,18 +134,18 @@ def neighbour_blocks(
 def _space_names(indexes: Sequence[Index]) -> list[str]:
     """A row's name says the space: the backbone and its weights ("pixels", "lenet · best.pt",
     "resnet18 · ImageNet"), with the index folder added where two would read the same."""
-    names = []
-    for index in indexes:
-        m = index.manifest
-        w = m.weights
-        if m.backbone == "pixels":
-            names.append("pixels")
-            continue
-        weights = {"none": "random weights", "imagenet": "ImageNet"}.get(w.kind, Path(w.id).name)
-        names.append(f"{m.backbone} · {weights}")
-    return [
+    names = [
+        "pixels" if m.backbone == "pixels" else f"{m.backbone} · {m.weights.words()}"
+        for m in (index.manifest for index in indexes)
+    ]
+    named = [
         f"{name} ({index.path.name})" if names.count(name) > 1 else name
         for name, index in zip(names, indexes, strict=True)
+    ]
+    # Two folders of one name (a/idx, b/idx): the whole path tells them apart.
+    return [
+        f"{name} ({index.path})" if named.count(label) > 1 else label
+        for name, label, index in zip(names, named, indexes, strict=True)
     ]
 
 
@@ -154,7 +154,8 @@ def distance_format(values: Sequence[float]) -> str:
     same decimals for the rest (9.5, 10.1, 14.0 rather than 9.46, 10.1, 14); one per space."""
     finite = [abs(v) for v in values if np.isfinite(v)]
     top = max(finite, default=0.0)
-    decimals = 3 if top == 0 else max(0, 2 - int(np.floor(np.log10(top))))
+    # At most four decimals: near-duplicates at 1e-7 read "0.0000", not nine digits of noise.
+    decimals = 3 if top == 0 else min(4, max(0, 2 - int(np.floor(np.log10(top)))))
     return f"{{:.{decimals}f}}"
 
 

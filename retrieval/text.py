@@ -16,5 +16,5 @@ def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def natural_sorted(items: Iterable[str]) -> list[str]:
-    """`items` in natural order (see natural_key)."""
-    return sorted(items, key=natural_key)
+    """`items` in natural order (see natural_key); strings equal under it ("a1", "A01") keep a fixed order."""
+    return sorted(items, key=lambda s: (natural_key(s), s))

@@ -489,6 +489,23 @@ def test_sheet_distances_share_one_format() -> None:
     assert distance_format([0.01234, 0.5]).format(0.01234) == "0.012"
     assert distance_format([123.4]).format(123.4) == "123"
     assert distance_format([]).format(0.0) == "0.000"
+    assert distance_format([1.2e-7, 3e-8]).format(1.2e-7) == "0.0000"  # near-duplicates, not 9 decimals
+
+
+def test_sheet_rows_of_same_named_folders_are_told_apart(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from retrieval.sheet import _space_names
+    from retrieval.store.manifest import WeightsRecord
+
+    def idx(path: Path, backbone: str = "lenet") -> SimpleNamespace:
+        m = SimpleNamespace(backbone=backbone, weights=WeightsRecord("none", "random-init(seed=0)", ""))
+        return SimpleNamespace(manifest=m, path=path)
+
+    a, b, c = tmp_path / "a" / "idx", tmp_path / "b" / "idx", tmp_path / "c"
+    names = _space_names([idx(a), idx(b), idx(c), idx(c, "pixels")])
+    assert len(set(names)) == 4 and names[3] == "pixels"
+    assert names[0] == f"lenet · random weights ({a})" and names[2] == "lenet · random weights (c)"
 
 
 def test_sheet_rows_name_the_space_and_the_png_stands_alone(spaces: dict[str, Path], tmp_path: Path) -> None:

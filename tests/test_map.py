@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -623,6 +624,30 @@ def test_clicked_image_links_its_original_file(session: Session, index: Path) ->
     href = session.page.get_attribute("#open-original", "href")
     assert href == (open_index(index).root / path).as_uri()
     assert session.page.is_visible("#open-original")
+
+
+@pytest.mark.browser
+def test_open_original_names_the_file_under_an_awkward_root(browser, samples: Path, tmp_path: Path) -> None:
+    # The root was pasted raw into a file:// URL: "#" began a fragment and "%41" decoded to "A".
+    root = tmp_path / "odd #1 %41 dir"
+    for src in sorted((samples / "train" / "heart").glob("*.png"))[:6]:
+        (root / "h").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / "h" / src.name)
+    out = tmp_path / "idx"
+    assert invoke("index", root, "--index", out, "--backbone", "pixels", "--workers", "0").exit_code == 0
+    page = tmp_path / "m.html"
+    r = invoke("map", out, "--out", page, "--method", "pca", "-k", "2")
+    assert r.exit_code == 0, r.output
+    s = Session(browser, page)
+    try:
+        path = "h/" + sorted(f.name for f in (root / "h").iterdir())[0]
+        s.page.mouse.click(*s.point(path))
+        s.wait("__map.focus >= 0")
+        href = s.page.get_attribute("#open-original", "href")
+        target = Path(urllib.parse.unquote(urllib.parse.urlparse(href).path))
+        assert target == root / path and target.is_file(), href
+    finally:
+        s.page.close()
 
 
 @pytest.mark.browser

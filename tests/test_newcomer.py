@@ -157,3 +157,73 @@ def test_info_says_each_thing_once(two: dict[str, Path]) -> None:
     assert "pixels: pixels" not in r.stdout and rows["weights"] == "none: raw pixels, no network"
     r = invoke("info", two["rnd"], env={"COLUMNS": "120"})
     assert "layer " in r.stdout and "none: random-init" in r.stdout
+
+
+def test_the_table_measures_wide_characters_in_terminal_cells() -> None:
+    # Widths were counted in characters: a CJK space name is two cells each and pushed past 80.
+    import io
+
+    from rich.cells import cell_len
+    from rich.console import Console
+
+    from retrieval.cli._table import print_metrics
+    from retrieval.evaluate import best_per_metric
+    from retrieval.evaluate.spaces import SpaceResult
+
+    names = ["P@10", "MAP@R", "R-precision", "recall@10", "mAP", "P@1", "P@5", "kNN@5", "kNN@10"]
+    results = [
+        SpaceResult(
+            name, "leave-one-out", 10, 10, 10, {n: 0.1 * i for i, n in enumerate(names)}, extra={"dim": 4}
+        )
+        for name in ("像素空间的基线索引", "pixels")
+    ]
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    print_metrics(console, results, "caption", best_per_metric(results), lambda s: s)
+    lines = out.getvalue().splitlines()
+    assert max(cell_len(line) for line in lines) <= 80, "\n".join(lines)
+    assert "…" not in out.getvalue()
+
+
+def test_natural_order_is_total() -> None:
+    from retrieval.text import natural_sorted
+
+    # "a1" and "A01" are equal under the natural key: their order must not depend on the input's.
+    assert natural_sorted(["A01", "a1", "b"]) == natural_sorted(["a1", "A01", "b"]) == ["A01", "a1", "b"]
+
+
+@pytest.mark.parametrize(
+    ("args", "now"),
+    [
+        (["eval", "x", "--k", "1"], "-k or --cutoffs"),
+        (["neighbours", "x", "--n", "2"], "-n or --num-queries"),
+        (["query", "x", "--k", "3"], "-k or --top-k"),
+    ],
+)
+def test_the_old_long_k_and_n_name_their_new_spelling(args: list[str], now: str) -> None:
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and f"{args[2]} was renamed: use {now}." in r.output
+    assert "Traceback" not in r.output
+
+
+def test_an_unknown_option_is_still_click_s_error() -> None:
+    r = CliRunner().invoke(app, ["query", "x", "--zz", "3"])
+    assert r.exit_code == 2 and "No such option: --zz" in r.output
+
+
+def test_weights_have_one_wording() -> None:
+    # The map title, the sheet and the CLI each had their own words ("ImageNet weights", "ImageNet",
+    # "IMAGENET1K_V2"); one method now says it for all three.
+    from retrieval.store.manifest import WeightsRecord
+
+    def w(kind: str, id_: str) -> WeightsRecord:
+        return WeightsRecord(kind, id_, "")
+
+    assert [w(k, i).words() for k, i in [("pixels", ""), ("none", "random-init(seed=0)")]] == [
+        "raw pixels",
+        "random weights",
+    ]
+    assert w("imagenet", "IMAGENET1K_V2").words() == "ImageNet"
+    assert w("imagenet", "IMAGENET1K_V2").words(full=True) == "ImageNet (IMAGENET1K_V2)"
+    assert w("checkpoint", "runs/r8/best.pt").words() == "best.pt"
+    assert w("checkpoint", "runs/r8/best.pt").words(full=True) == "runs/r8/best.pt"

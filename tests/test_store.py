@@ -212,6 +212,21 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work(
     assert "Traceback" not in r.output
 
 
+def test_a_first_build_refused_for_space_leaves_nothing_behind(
+    tmp_path: Path, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from retrieval.store import space
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
+    cfg = IndexConfig(images=samples, index=tmp_path / "deep" / "idx", backbone="pixels", workers=0)
+    with pytest.raises(space.NoSpaceError, match="no earlier index to lose"):
+        build_index(cfg)
+    assert not (tmp_path / "deep").exists()  # not even .staging/run.json
+
+
 def test_a_disk_that_fills_during_the_build_is_said_plainly(
     tmp_path: Path, samples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

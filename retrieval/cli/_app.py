@@ -7,18 +7,19 @@ import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+# typer 0.29 carries its own click: its exceptions are the ones its parser raises.
+from typer import _click as click
+from typer._click.exceptions import NoSuchOption, UsageError
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from retrieval.errors import RetrieveError, as_flags
 from retrieval.paths import user_path
-
-if TYPE_CHECKING:
-    from typer import _click as click  # typer's own click, for the hints only
 
 
 def reflow(text: str | None) -> str | None:
@@ -46,7 +47,7 @@ _METAVARS = {"int": "N", "float": "X", "Path": "PATH", "str": "TEXT"}
 
 def tidy_param(param: click.Parameter) -> None:
     """One look for every option: flags show no `<bool>`, values a short metavar (`N`, `PATH`),
-    arguments their name in capitals, defaults as `[default: ...]`."""
+    arguments their name alone, defaults as `[default: ...]`."""
     if param.metavar is None:
         if isinstance(param, TyperOption) and param.is_flag:
             param.metavar = ""
@@ -74,8 +75,21 @@ class _TidyParams:
         return params
 
 
+# Long options that read as short ones, renamed for issue 21 (`--k` -> `-k/--top-k` and the like):
+# an old command line is answered with the new name, not a bare "No such option".
+_RENAMED = {"--k": "-k", "--n": "-n"}
+
+
 class _Command(_TidyParams, TyperCommand):
-    pass
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as exc:
+            short = _RENAMED.get(exc.option_name)
+            now = next((p.opts for p in self.params if short and short in p.opts), None)
+            if now is None:
+                raise
+            raise UsageError(f"{exc.option_name} was renamed: use {' or '.join(now)}.", ctx) from None
 
 
 class _Group(_TidyParams, TyperGroup):

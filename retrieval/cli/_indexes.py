@@ -91,16 +91,10 @@ def open_many(arguments: Sequence[Path] | None = None, options: Sequence[Path] |
     return spaces
 
 
-def weights_text(idx: Index) -> str:
-    """The weights in a few words: "raw pixels", "random weights", a torchvision name or a checkpoint."""
-    w = idx.manifest.weights
-    return {"pixels": "raw pixels", "none": "random weights"}.get(w.kind, w.id)
-
-
 def describe_index(idx: Index) -> str:
     """`path (backbone, weights, metric)`, without repeating "pixels" for the pixel baseline."""
     m = idx.manifest
-    parts = [m.backbone] if m.backbone == "pixels" else [m.backbone, weights_text(idx)]
+    parts = [m.backbone] if m.backbone == "pixels" else [m.backbone, m.weights.words(full=True)]
     return f"{idx.path} ({', '.join([*parts, m.metric])})"
 
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -75,8 +76,9 @@ def print_metrics(
         cells[name] = column
     spaces = [str(r.name) for r in results]
     dims = [str(r.extra.get("dim", "")) for r in results]
-    widths = {n: max(len(n), *(len(c) for c in cells[n])) for n in names}
-    fixed = [max(len("space"), *map(len, spaces)), max(len("dim"), *map(len, dims))]
+    # Terminal cells, not characters: a CJK or emoji space name is two cells a character.
+    widths = {n: max(cell_len(n), *(cell_len(c) for c in cells[n])) for n in names}
+    fixed = [max(len("space"), *map(cell_len, spaces)), max(len("dim"), *map(cell_len, dims))]
     width = layout_width(console)
     groups = column_groups(names, widths, fixed, width)
     for g, group in enumerate(groups):

@@ -170,6 +170,8 @@ def _info(index: Index, p: ProjectionParams, variance: str, missing: int, color_
         "metric": index.metric,
         "index": str(index.path),
         "root": str(index.root),
+        # Percent-encoded by pathlib: a root holding "#", "?" or "%" still names the folder.
+        "rootUrl": Path(str(index.root)).absolute().as_uri().rstrip("/") + "/",
         "generation": index.dir.name,
         "missing": missing,
         "colorBy": color_by,
@@ -180,12 +182,9 @@ def _info(index: Index, p: ProjectionParams, variance: str, missing: int, color_
 def default_title(index: Index, method: str, shown: int) -> str:
     """What the map shows, in words: the folder, the space (backbone and weights), the method, how many."""
     m = index.manifest
-    w = m.weights
-    if m.backbone == "pixels":
-        space = "raw-pixel space"
-    else:
-        weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(w.kind, Path(w.id).name)
-        space = f"{m.backbone} feature space ({weights})"
+    space = (
+        "raw-pixel space" if m.backbone == "pixels" else f"{m.backbone} feature space ({m.weights.words()})"
+    )
     n = len(index)
     count = f"{shown:,} of {n:,} images" if shown < n else f"{n:,} images"
     return f"{Path(str(index.root)).name} in {space}: {method} of {count}"

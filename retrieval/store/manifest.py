@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from retrieval.errors import IndexFormatError, RetrieveError
@@ -34,6 +35,15 @@ class WeightsRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "id": self.id, "sha256": self.sha256}
+
+    def words(self, full: bool = False) -> str:
+        """The weights for people, one wording everywhere: "raw pixels", "random weights",
+        "ImageNet" or the checkpoint's file name; `full` adds torchvision's name or the whole path."""
+        if self.kind in ("pixels", "none"):
+            return {"pixels": "raw pixels", "none": "random weights"}[self.kind]
+        if self.kind == "imagenet":
+            return f"ImageNet ({self.id})" if full and self.id else "ImageNet"
+        return self.id if full else PurePath(self.id).name
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,11 @@ class Staging:
         self._next = 1 + max((int(s.stem.split("-")[1]) for s in self.shards()), default=-1)
         return done
 
+    def drop_if_empty(self) -> None:
+        """Remove the staging folder when no shard has been written to it."""
+        if self.dir.exists() and not self.shards():
+            shutil.rmtree(self.dir)
+
     def shards(self) -> list[Path]:
         """Valid shards (stem paths without suffix), in write order."""
         if not self.dir.exists():

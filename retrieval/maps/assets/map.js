@@ -425,10 +425,10 @@
     panel.hidden = false;
     const among = N === D.total ? "" : `, nearest among the ${fmt(N)} shown`;
     const open = $("open-original");
-    // Built with the URL API from the index's root and the relative path: every character of
-    // the name is percent-encoded, none can become markup or script.
+    // Built with the URL API from the root's file URL (encoded by Python) and the relative path:
+    // every character of the name is percent-encoded, none can become markup or script.
     try {
-      open.href = new URL(paths[i].split("/").map(encodeURIComponent).join("/"), new URL(`file://${(info.root || "").replace(/\/?$/, "/")}`)).href;
+      open.href = new URL(paths[i].split("/").map(encodeURIComponent).join("/"), info.rootUrl).href;
       open.hidden = false;
     } catch (err) { open.hidden = true; }
     $("neighbours-of").textContent = `of ${paths[i]} (${D.labelNames[labelOf[i]]}), in the ${info.dim || ""}-d feature space (${info.metric || "l2"})${among}:`;
