@@ -6,8 +6,11 @@ Hardware is printed in the header. Ratios are measured in one run, against basel
   memory        = peak RSS of a `retrieve index` subprocess for N1 vs N2 images (streamed shards)
   dtypes        = forward-only img/s for float32/bf16 x contiguous/channels_last: how the CPU default
                   (`device.resolve_runtime`) was chosen
+  compare       = end-to-end `build_index` img/s of several backbones on the same JPEGs, interleaved
+                  over rounds, as ratios to the first (the default backbone against resnet50/resnet18)
 
     python bench/extract.py [--n 2000] [--backbone resnet18] [--memory 2000,20000] [--dtypes resnet18,resnet50]
+                            [--compare efficientnet_lite0,resnet50,resnet18 --rounds 2]
 """
 
 from __future__ import annotations
@@ -107,6 +110,27 @@ def bench_throughput(images: Path, backbone_name: str, batch_size: int | None, n
     )
 
 
+def bench_compare(images: Path, names: list[str], rounds: int) -> None:
+    """End-to-end img/s (model load excluded) of each backbone, interleaved so drift hits all alike.
+    Random weights: the same arithmetic as the ImageNet ones, which cannot all be fetched offline."""
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names:
+            with tempfile.TemporaryDirectory() as tmp:
+                t = time.perf_counter()
+                report = build_index(
+                    IndexConfig(images=images, index=Path(tmp) / "idx", backbone=name, weights="none")
+                )
+                wall = time.perf_counter() - t - report.stages.get("load model", 0.0)
+            rates[name].append(report.embedded / wall)
+            print(f"compare round {r + 1} {name:20s} {rates[name][-1]:8.1f} img/s end to end", flush=True)
+    base = sum(rates[names[0]])
+    for name in names:
+        print(
+            f"COMPARE {name:20s} {sum(rates[name]) / rounds:8.1f} img/s  {names[0]}/{name} = {base / sum(rates[name]):.2f}"
+        )
+
+
 def bench_dtypes(backbones: list[str], batch_size: int, seconds: float = 8.0) -> None:
     """Forward-only img/s on random uint8 batches for each dtype x memory format, on the CPU."""
     cpu = torch.device("cpu")
@@ -165,12 +189,18 @@ def main() -> None:
         "--memory", default="2000,20000", help="image counts for the memory comparison ('' skips)"
     )
     ap.add_argument("--dtypes", default="", help="backbones for the dtype x memory-format table ('' skips)")
+    ap.add_argument("--compare", default="", help="backbones for the end-to-end comparison ('' skips)")
+    ap.add_argument("--rounds", type=int, default=2, help="compare: interleaved rounds")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the other parts")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "retrieve-bench-extract"))
     args = ap.parse_args()
     print(header())
     root = Path(args.data)
     images = make_jpegs(root / f"n{args.n}", args.n)
-    bench_throughput(images, args.backbone, args.batch_size, args.naive)
+    if not args.skip_throughput:
+        bench_throughput(images, args.backbone, args.batch_size, args.naive)
+    if args.compare:
+        bench_compare(images, args.compare.split(","), args.rounds)
     if args.dtypes:
         bench_dtypes(args.dtypes.split(","), args.batch_size or 32)
     if args.memory:

@@ -46,6 +46,9 @@ class DemoConfig:
     device: str = "auto"
     seed: int = 0
     map: bool = True  # write the map of the trained space (as `retrieve map` does)
+    # A third space: ImageNet features of this backbone, frozen (the weights install with the
+    # package). The lecture's slide: features learned on photos, never shown these shapes. None: skip.
+    pretrained: str | None = "efficientnet_lite0"
     fresh: bool = False  # redo every step
 
 
@@ -75,10 +78,15 @@ class DemoReport:
     arch: str = "lenet"
     epochs: int = 30  # that the network was trained for
 
+    @property
+    def trained(self) -> str:
+        """The name of the trained space."""
+        return f"{self.arch}-trained"
+
     def summary(self) -> str:
         """The closing words: where things are and what to try next."""
-        trained = next(n for n in self.indexes if n != PIXELS)
-        pix, net = self.indexes[PIXELS], self.indexes[trained]
+        pix, net = self.indexes[PIXELS], self.indexes[self.trained]
+        others = [p for n, p in self.indexes.items() if n not in (PIXELS, self.trained)]
         test = self.images / "test"
         example = sorted((test / "star").glob("*.png"))[:1] or sorted(test.rglob("*.png"))[:1]
         lines = [
@@ -87,7 +95,8 @@ class DemoReport:
             + (f" (reused: {', '.join(self.reused)})" if self.reused else ""),
             f"  images      {self.images}  (train/ and test/, 8 shape classes)",
             f"  model       {self.checkpoint}",
-            f"  indexes     {pix}  and  {net}  (train split; test split in {self.out / 'indexes' / 'test'})",
+            f"  indexes     {'  '.join(str(p) for p in [pix, *others, net])}",
+            f"              (the train split; the test split's are in {self.out / 'indexes' / 'test'})",
             f"  sheet       {self.sheet}  (+ {self.sheet_png.name})",
         ]
         if self.map is not None:
@@ -96,7 +105,7 @@ class DemoReport:
             "",
             "next:",
             f"  retrieve query {example[0] if example else test} --index {net}",
-            f"  retrieve eval {pix} {net} --queries {test} -k 1,5,10",
+            f"  retrieve eval {' '.join(str(p) for p in [pix, *others, net])} --queries {test} -k 1,5,10",
             f"  retrieve neighbours {pix} {net} --queries {test} -n 8 -k 5 --out sheet.html",
         ]
         if self.map is not None:
@@ -275,7 +284,10 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
 
     t = time.perf_counter()
     trained = f"{config.arch}-trained"
-    spaces = {PIXELS: (PIXELS, None), trained: (None, str(checkpoint))}
+    spaces: dict[str, tuple[str | None, str | None]] = {PIXELS: (PIXELS, None)}
+    if config.pretrained:
+        spaces[f"{config.pretrained}-imagenet"] = (config.pretrained, "imagenet")
+    spaces[trained] = (None, str(checkpoint))
     indexes = {name: index_root / name for name in spaces}
     test_indexes = {name: index_root / "test" / name for name in spaces}
     all_reused = True
@@ -290,9 +302,10 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
     db, queries, results = _evaluate(
         config, [indexes[n] for n in spaces], [test_indexes[n] for n in spaces], progress
     )
+    frozen = f"; {config.pretrained} with ImageNet weights, frozen" if config.pretrained else ""
     caption = (
         f"{queries[0].vectors.shape[0]} test images querying {len(db[0])} training images "
-        f"(8 shape classes; {config.arch} trained {config.epochs} epochs on the train split)"
+        f"(8 shape classes; {config.arch} trained {config.epochs} epochs on the train split{frozen})"
     )
     seconds["eval"] = time.perf_counter() - t
 
@@ -304,7 +317,9 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
     sheet, sheet_png = write_sheet(
         blocks,
         out / "neighbours.html",
-        title="Test images and their nearest training images: pixel space vs trained features",
+        title="Test images and their nearest training images: pixel space vs "
+        + ("ImageNet features vs " if config.pretrained else "")
+        + "trained features",
     )
     seconds["sheet"] = time.perf_counter() - t
 

@@ -15,7 +15,7 @@ class IndexConfig:
 
     images: Path  # folder scanned recursively
     index: Path  # index directory (created; an existing index is replaced atomically on success)
-    backbone: str | None = None  # registry name; None = resnet50, or the checkpoint's architecture
+    backbone: str | None = None  # registry name; None = efficientnet_lite0, or the checkpoint's architecture
     weights: str | None = None  # "imagenet", "none", or a checkpoint path; None = the backbone's default
     layer: str | None = None  # FX node to tap instead of the registry default
     metric: str = "l2"  # "l2" (Euclidean) or "cosine"

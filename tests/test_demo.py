@@ -21,7 +21,8 @@ TINY = {"per_class": 500, "test_per_class": 12, "arch": "lenet", "epochs": 20}
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "retrieve-demo"
     runner = CliRunner()
-    args = ["demo", str(out), "--device", "cpu", "--per-class", str(TINY["per_class"])]
+    # The ImageNet space has its own, smaller test below: at 224 px it would double this one's time.
+    args = ["demo", str(out), "--device", "cpu", "--no-imagenet", "--per-class", str(TINY["per_class"])]
     args += [
         "--epochs",
         str(TINY["epochs"]),
@@ -66,7 +67,7 @@ def test_rerun_in_a_subprocess_reuses_every_step(demo: tuple[Path, str]) -> None
     out, _ = demo
     checkpoint = out / "model" / "lenet" / "best.pt"
     before = checkpoint.stat().st_mtime_ns
-    args = [sys.executable, "-m", "retrieval", "demo", str(out), "--device", "cpu"]
+    args = [sys.executable, "-m", "retrieval", "demo", str(out), "--device", "cpu", "--no-imagenet"]
     for key in ("per_class", "test_per_class", "arch", "epochs"):
         args += [f"--{key.replace('_', '-')}", str(TINY[key])]
     res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=_env(out))
@@ -74,8 +75,23 @@ def test_rerun_in_a_subprocess_reuses_every_step(demo: tuple[Path, str]) -> None
     assert "reused: images, model, indexes" in res.stdout
     assert checkpoint.stat().st_mtime_ns == before
     # The library call with the same settings agrees.
-    report = run_demo(DemoConfig(out=out, device="cpu", **TINY))
+    report = run_demo(DemoConfig(out=out, device="cpu", pretrained=None, **TINY))
     assert set(report.reused) >= {"images", "model", "indexes"}
+
+
+def test_the_demo_shows_frozen_imagenet_features_beside_pixels(tmp_path: Path) -> None:
+    """The third space: EfficientNet-Lite0's installed ImageNet weights, never trained on shapes."""
+    out = tmp_path / "demo"
+    report = run_demo(DemoConfig(out=out, device="cpu", per_class=40, test_per_class=5, epochs=1, map=False))
+    by_name = {r.name: r.metrics for r in report.results}
+    assert list(by_name) == ["pixels", "efficientnet_lite0-imagenet", "lenet-trained"]
+    # The oracle: pixel space on the same 40 held-out queries (8 classes: chance is 0.125).
+    assert by_name["efficientnet_lite0-imagenet"]["P@5"] >= 1.5 * by_name["pixels"]["P@5"], by_name
+    assert "efficientnet_lite0 with ImageNet weights, frozen" in report.caption
+    assert (out / "neighbours.html").read_text().count('class="query"') == 8 * 3
+    summary = report.summary()
+    assert str(report.indexes["efficientnet_lite0-imagenet"]) in summary
+    assert f"--index {report.indexes['lenet-trained']}" in summary  # the query hint: the trained space
 
 
 def _env(out: Path) -> dict[str, str]:

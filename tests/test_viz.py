@@ -457,14 +457,14 @@ def test_registry_vgg_filters_saliency_dream(vgg: VizModel) -> None:
 
 def _relu_calls(gm: torch.fx.GraphModule) -> tuple[int, int]:
     """(plain ReLU/GELU applications, guided ones) in a traced graph, whatever form they take."""
-    from retrieval.visualise.probe import GuidedGELU, GuidedReLU, guided_gelu, guided_relu
+    from retrieval.visualise.probe import GuidedGELU, GuidedReLU, GuidedReLU6, guided_gelu, guided_relu
 
     modules = dict(gm.named_modules())
     plain = guided = 0
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            plain += type(modules[node.target]) in (nn.ReLU, nn.GELU)
-            guided += isinstance(modules[node.target], GuidedReLU | GuidedGELU)
+            plain += type(modules[node.target]) in (nn.ReLU, nn.ReLU6, nn.GELU)
+            guided += isinstance(modules[node.target], GuidedReLU | GuidedReLU6 | GuidedGELU)
         elif node.op == "call_function":
             plain += node.target in (F.relu, torch.relu, torch.relu_, F.relu_, F.gelu)
             guided += node.target in (guided_relu, guided_gelu)
@@ -490,6 +490,39 @@ def test_guided_gelu_keeps_positive_gradients_times_the_gelu_derivative() -> Non
     assert (xg.grad[up < 0] == 0).all() and (xg.grad[(up > 0) & (x > 1)] > 0).all()
 
 
+def test_guided_relu6_passes_positive_gradients_where_relu6_is_not_flat() -> None:
+    from retrieval.visualise.probe import GuidedReLU6
+
+    x = torch.tensor([-1.0, 0.5, 3.0, 5.9, 6.5, 2.0], dtype=torch.float64, requires_grad=True)
+    up = torch.tensor([1.0, 1.0, -2.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    out = GuidedReLU6()(x)
+    torch.testing.assert_close(out, F.relu6(x.detach()))
+    out.backward(up)
+    # Oracle by hand: autograd's ReLU6 mask (0 < x < 6), then only the positive part from above.
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0, 0.5], dtype=torch.float64))
+
+
+def test_efficientnet_lite_with_imagenet_weights_visualises(tmp_path: Path) -> None:
+    lite = load_model("efficientnet_lite0", "imagenet")
+    assert len(lite.classes) == 1000 and lite.classes[309] == "bee"
+    grid = filters(lite.model)  # the stem: 32 filters of 3x3x3
+    assert (grid.layer, grid.mode, grid.count, grid.shape) == ("_conv_stem", "rgb", 32, (3, 3, 3))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    for method in ("guided", "gradcam"):
+        maps = Saliency(lite.model, method, runtime=CPU)(x)
+        got = maps.gradients if method == "guided" else maps.cam
+        assert torch.isfinite(got).all() and got.abs().sum() > 0, method
+    result = dream(lite, Target.unit("_blocks.3", 5), DreamConfig(steps=4, size=96))
+    assert result.final_score > result.start_score
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "act.png"
+    args = ["viz", "activations", str(image), "-b", "efficientnet_lite0", "-l", "_blocks.0", "-o", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size[0] > 100  # 16 channels of the first block as tiles
+
+
 def test_every_registry_convnet_traces_with_every_relu_guided() -> None:
     """Every registry architecture, built on the meta device (structure only, no weights computed):
     the probe traces it, resolves `conv1`, and no plain ReLU application (module, function or
@@ -502,11 +535,11 @@ def test_every_registry_convnet_traces_with_every_relu_guided() -> None:
         spec = get_spec(name)
         with torch.device("meta"):
             model = spec.builder(spec.num_classes, 3).eval()
-        relu_modules = sum(type(m) in (nn.ReLU, nn.GELU) for m in model.modules())
+        relu_modules = sum(type(m) in (nn.ReLU, nn.ReLU6, nn.GELU) for m in model.modules())
         probe = Probe(model, ["conv1"], guided=True)
         plain, guided = _relu_calls(probe.body)
         assert plain == 0 and guided >= max(1, relu_modules), (name, plain, guided, relu_modules)
-        assert sum(type(m) in (nn.ReLU, nn.GELU) for m in model.modules()) == relu_modules, name
+        assert sum(type(m) in (nn.ReLU, nn.ReLU6, nn.GELU) for m in model.modules()) == relu_modules, name
 
 
 # --------------------------------------------------------------------------------------------

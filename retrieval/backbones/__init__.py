@@ -11,6 +11,7 @@ from retrieval.backbones.spec import BackboneSpec, get_spec, list_backbones, reg
 from retrieval.backbones.weights import (
     WeightsInfo,
     fold_transform_input,
+    imagenet_classes,
     imagenet_preprocess,
     load_imagenet,
     torch_home,
@@ -28,6 +29,7 @@ __all__ = [
     "feature_nodes",
     "fold_transform_input",
     "get_spec",
+    "imagenet_classes",
     "imagenet_preprocess",
     "list_backbones",
     "load_backbone",

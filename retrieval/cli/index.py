@@ -76,7 +76,9 @@ def index_cli(
     ] = None,
     backbone: Annotated[
         str | None,
-        typer.Option("--backbone", "-b", help="Registry name (see `retrieve backbones`). Default: resnet50."),
+        typer.Option(
+            "--backbone", "-b", help="Registry name (see `retrieve backbones`). Default: efficientnet_lite0."
+        ),
     ] = None,
     weights: Annotated[
         str | None,
@@ -119,7 +121,8 @@ def index_cli(
 
     Examples:
 
-      retrieve index ./photos                       # resnet50, ImageNet weights
+      retrieve index ./photos                       # efficientnet_lite0, ImageNet (installed, offline)
+      retrieve index ./photos --backbone resnet50    # torchvision's ImageNet weights (fetched once)
       retrieve index ./photos --backbone pixels      # the raw-pixel baseline
       retrieve index ./photos --weights runs/r8/best.pt --index ./idx-r8
       retrieve index ./photos                       # again: resumes an interrupted run

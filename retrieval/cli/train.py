@@ -109,7 +109,12 @@ def train_cli(
         int | None,
         typer.Option(help=_recipe_or("128"), show_default=False, rich_help_panel=_OPT),
     ] = None,
-    optimizer: Annotated[str, typer.Option(help="sgd (Nesterov) or adamw.", rich_help_panel=_OPT)] = "sgd",
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help="sgd (Nesterov) or adamw. " + _recipe_or("sgd"), show_default=False, rich_help_panel=_OPT
+        ),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(

@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
 # What a None field becomes when the architecture's recipe (BackboneSpec.recipe) does not set it.
 GENERAL_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd",
     "epochs": 30,
     "batch_size": 128,
     "schedule": "cosine",
@@ -26,7 +27,7 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "crop_pad": None,  # stays None: a 1/8 of the training side, known once the size is
 }
 # Fields added after runs were first saved: what those runs did (resume must rebuild the same optimiser).
-LEGACY_DEFAULTS: dict[str, Any] = {"norm_bias_lr_scale": 1.0}
+LEGACY_DEFAULTS: dict[str, Any] = {"norm_bias_lr_scale": 1.0, "optimizer": "sgd"}
 _GENERAL_LR = {"sgd": 0.1, "adamw": 2e-3}  # peak rate per 128 images
 _GENERAL_WD = {"sgd": 5e-4, "adamw": 0.05}
 
@@ -45,7 +46,7 @@ class TrainConfig:
     # `with_recipe` fills them in, and config.json records the filled-in values.
     epochs: int | None = None  # 30
     batch_size: int | None = None  # 128
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adamw"
+    optimizer: str | None = None  # "sgd" (momentum 0.9, Nesterov) or "adamw"; None = the recipe's, else sgd
     lr: float | None = None  # peak rate; 0.1 (sgd) / 2e-3 (adamw) per 128 images, /10 pretrained
     weight_decay: float | None = None  # 5e-4 (sgd) / 0.05 (adamw); never applied to norms or biases
     schedule: str | None = None  # "cosine" or "onecycle" (linear up, linear down), after a linear warm-up
@@ -80,7 +81,7 @@ class TrainConfig:
             raise RetrieveError(
                 f"Unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTS)}."
             )
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise RetrieveError(
                 f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
             )
@@ -142,7 +143,9 @@ class TrainConfig:
 def with_recipe(config: TrainConfig) -> TrainConfig:
     """`config` with every None training default filled in: from the architecture's recipe where it
     has one, else GENERAL_DEFAULTS. Fields the user set are kept; applying it twice changes nothing."""
-    recipe = dict(get_spec(config.arch).recipe)
+    spec = get_spec(config.arch)
+    finetune = dict(spec.finetune_recipe) if config.pretrained else {}
+    recipe = dict(spec.recipe) | finetune
     fill = {k: recipe.get(k, v) for k, v in GENERAL_DEFAULTS.items() if getattr(config, k) is None}
     if config.tta is None and not config.flip:
         fill["tta"] = False  # the recipe's flip TTA presumes flip training; --no-flip turns it off
@@ -155,7 +158,7 @@ def with_recipe(config: TrainConfig) -> TrainConfig:
             lr = recipe["lr"] * c.batch_size / recipe.get("batch_size", 128)
         else:
             lr = _GENERAL_LR[c.optimizer] * c.batch_size / 128  # linear scaling rule (Goyal et al.)
-        if c.pretrained:
+        if c.pretrained and not (same_optimizer and "lr" in finetune):
             lr /= 10  # fine-tuning: keep the ImageNet features, adapt them gently
     if wd is None:
         wd = (

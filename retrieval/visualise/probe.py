@@ -132,6 +132,28 @@ class GuidedReLU(nn.Module):
         return _GuidedReLUFunction.apply(x)
 
 
+class _GuidedReLU6Function(torch.autograd.Function):
+    """ReLU6 forward (EfficientNet-Lite, MobileNet); backward as guided ReLU's, through the inputs
+    where ReLU6 is not flat (0 < x < 6)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward((x > 0) & (x < 6))
+        return x.clamp(0.0, 6.0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0).clamp_(min=0)
+
+
+class GuidedReLU6(nn.Module):
+    """Module form of the guided ReLU6, swapped in for nn.ReLU6."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GuidedReLU6Function.apply(x)
+
+
 class _GuidedGELUFunction(torch.autograd.Function):
     """GELU forward; backward keeps only positive gradients, times GELU's own derivative.
 
@@ -263,7 +285,7 @@ def _fold_batchnorm(gm: torch.fx.GraphModule) -> None:
 
 def _rewrite_relus(gm: torch.fx.GraphModule, guided: bool) -> None:
     """Make every ReLU of a traced module (module, function or method call) out of place, or guided;
-    guided also swaps GELUs (module or F.gelu) for their guided form.
+    guided also swaps ReLU6 and GELU (module or F.gelu) for their guided forms.
 
     Out of place even when not guided: an in-place ReLU after a tapped conv would overwrite the very
     activation that Grad-CAM differentiates, and it is how grad-cam's guided backprop breaks.
@@ -272,6 +294,10 @@ def _rewrite_relus(gm: torch.fx.GraphModule, guided: bool) -> None:
         parent, _, child = name.rpartition(".")
         if isinstance(module, nn.ReLU):
             setattr(gm.get_submodule(parent) if parent else gm, child, GuidedReLU() if guided else nn.ReLU())
+        elif isinstance(module, nn.ReLU6):
+            setattr(
+                gm.get_submodule(parent) if parent else gm, child, GuidedReLU6() if guided else nn.ReLU6()
+            )
         elif guided and isinstance(module, nn.GELU):
             setattr(gm.get_submodule(parent) if parent else gm, child, GuidedGELU())
     changed = False

@@ -45,16 +45,14 @@ class VizModel:
 
 def load_model(backbone: str | None = None, weights: str | os.PathLike | None = None) -> VizModel:
     """A registry backbone's full classifier with `weights` ("imagenet", "none" or a checkpoint path)."""
-    from retrieval.backbones import get_spec, load_backbone
+    from retrieval.backbones import get_spec, imagenet_classes, load_backbone
 
     bb = load_backbone(backbone, weights)
     if bb.model is None:
         raise RetrieveError(f"{bb.spec.name} has no network to visualise; choose a convnet backbone.")
     classes = bb.classes
     if not classes and bb.weights.kind == "imagenet":
-        import torchvision
-
-        classes = tuple(torchvision.models.get_weight(get_spec(bb.spec.name).weights).meta["categories"])
+        classes = imagenet_classes(get_spec(bb.spec.name))
     return VizModel(bb.model.eval(), bb.preprocess, tuple(classes), f"{bb.spec.name}, {bb.weights.id}")
 
 
