@@ -213,7 +213,7 @@ def _split_view(train: Path, test: Path, view: Path, train_n: int | None, test_n
     return view
 
 
-def _pretrained_spaces(data: Path, lite: str, args: argparse.Namespace) -> None:
+def _pretrained_spaces(data: Path, lite: str, args: argparse.Namespace, augment: str = "auto") -> None:
     """Pixels, frozen ImageNet features and the fine-tuned net: test queries against the train split."""
     from pipelines.index_folder import build_index
     from retrieval.api import open_index
@@ -229,7 +229,8 @@ def _pretrained_spaces(data: Path, lite: str, args: argparse.Namespace) -> None:
             out=work / "run",
             arch=lite,
             pretrained="imagenet",
-            epochs=args.epochs,
+            epochs=args.ft_epochs,  # None: the backbone's fine-tuning recipe
+            augment=augment,
             val_fraction=0.0,  # the test split stays unseen until evaluation
             device="cpu",
             overwrite=True,
@@ -275,9 +276,9 @@ def bench_pretrained(args: argparse.Namespace) -> None:
     train_n, test_n = args.train_per_class or 100, args.test_per_class
     print(f"== CIFAR-10 ({train_n} train and {test_n} test images a class, 32 px upscaled)")
     view = Path(f"/tmp/cifar10-view-{train_n}-{test_n}")
-    _pretrained_spaces(
-        _split_view(Path("/tmp/cifar10/train"), Path("/tmp/cifar10/test"), view, train_n, test_n), lite, args
-    )
+    # 32 px images upscaled: a random resized crop would zoom into a few blurred pixels.
+    data = _split_view(Path("/tmp/cifar10/train"), Path("/tmp/cifar10/test"), view, train_n, test_n)
+    _pretrained_spaces(data, lite, args, augment="crop")
 
 
 def bench_synthetic(args: argparse.Namespace) -> None:
@@ -334,6 +335,7 @@ def main() -> None:
     parser.add_argument(
         "--test-per-class", type=int, default=50, help="pretrained: CIFAR-10 test queries a class"
     )
+    parser.add_argument("--ft-epochs", type=int, default=None, help="pretrained: fine-tuning epochs (recipe)")
     parser.add_argument("--lite", default="efficientnet_lite0", help="pretrained: the ImageNet backbone")
     parser.add_argument("--n", type=int, default=50_000, help="synthetic: vectors")
     parser.add_argument("--workdir", default=None, help="samples: demo folder (reused when it exists)")

@@ -27,7 +27,7 @@ PIXELS = "pixels"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Settings of `retrieve demo`; the defaults are measured to finish in about 1.5 minutes on 2 CPU cores."""
+    """Settings of `retrieve demo`; the defaults are measured to finish in about 2.5 minutes on 2 CPU cores."""
 
     out: Path  # everything goes below this folder
     per_class: int = 1000  # training images per class (8 shape classes): data, more than epochs, helps
@@ -106,7 +106,7 @@ class DemoReport:
             "next:",
             f"  retrieve query {example[0] if example else test} --index {net}",
             f"  retrieve eval {' '.join(str(p) for p in [pix, *others, net])} --queries {test} -k 1,5,10",
-            f"  retrieve neighbours {pix} {net} --queries {test} -n 8 -k 5 --out sheet.html",
+            f"  retrieve neighbours {' '.join(str(p) for p in [pix, *others, net])} --queries {test} -n 8 -k 5 --out sheet.html",
         ]
         if self.map is not None:
             lines.append(f"  retrieve map {net}")

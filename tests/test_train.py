@@ -284,6 +284,32 @@ def test_training_recipe_fills_unset_fields_and_flags_override() -> None:
         TrainConfig(data=Path("."), out=Path("."), arch=arch, **fields)
 
 
+def test_a_fine_tuning_recipe_applies_only_with_pretrained_weights() -> None:
+    def cfg(**kw: object) -> TrainConfig:
+        return with_recipe(TrainConfig(data=Path("."), out=Path("."), arch="efficientnet_lite0", **kw))
+
+    tuned = cfg(pretrained="imagenet")
+    recipe = dict(get_spec("efficientnet_lite0").finetune_recipe)
+    # Its rate is a fine-tuning rate already: not divided by 10 like the general rule's.
+    assert (tuned.optimizer, tuned.lr, tuned.batch_size, tuned.epochs) == ("adamw", recipe["lr"], 32, 8)
+    assert cfg(pretrained="imagenet", batch_size=64).lr == pytest.approx(2 * recipe["lr"])
+    assert cfg(pretrained="imagenet", epochs=2).epochs == 2  # flags win
+    # Another optimiser gets the general rule, divided by 10 for fine-tuning.
+    assert cfg(pretrained="imagenet", optimizer="sgd").lr == pytest.approx(0.1 * 32 / 128 / 10)
+    # From scratch the recipe is not used; a backbone without one keeps the general fine-tuning rule.
+    scratch = cfg()
+    assert (scratch.optimizer, scratch.lr, scratch.batch_size) == ("sgd", 0.1, 128)
+    r18 = with_recipe(TrainConfig(data=Path("."), out=Path("."), arch="resnet18", pretrained="imagenet"))
+    assert (r18.optimizer, r18.lr) == ("sgd", pytest.approx(0.01))
+    # A run saved before the optimiser became recipe-defaulted resumes with the one it used.
+    old = TrainConfig.from_dict({k: v for k, v in scratch.to_dict().items() if k != "optimizer"})
+    assert old.optimizer == "sgd"
+    for arch in trainable_archs():
+        fields = dict(get_spec(arch).finetune_recipe)
+        assert set(fields) <= set(TrainConfig.__dataclass_fields__), arch
+        TrainConfig(data=Path("."), out=Path("."), arch=arch, **fields)
+
+
 def test_norm_bias_lr_scale_speeds_up_only_the_norm_shifts() -> None:
     torch.manual_seed(0)
     model = get_spec("airnet_small").builder(4, 3)

@@ -113,7 +113,7 @@ app = _Typer(
     name="retrieve",
     help=(
         "Turn folders of images into searchable convnet embeddings.\n\n"
-        "Start with `retrieve demo` (offline, about 1.5 minutes on 2 CPU cores), or `retrieve index ./images` "
+        "Start with `retrieve demo` (offline, about 2.5 minutes on 2 CPU cores), or `retrieve index ./images` "
         "then `retrieve query some.jpg`."
     ),
     no_args_is_help=True,

@@ -245,7 +245,7 @@ def demo_cli(
         typer.Option(
             "--imagenet/--no-imagenet",
             help="Also index with efficientnet_lite0's ImageNet features, frozen (installed with "
-            "retrieve; about 95 s of the run on 2 cores).",
+            "retrieve; about 60 s of the run on 2 cores).",
         ),
     ] = True,
     device: Annotated[str, typer.Option(help="auto (CUDA > MPS > CPU), cpu, cuda, mps.")] = "auto",
@@ -254,7 +254,7 @@ def demo_cli(
     """The whole story, offline: generate labelled shapes, train a small convnet on CPU, index with pixels
     and with the trained network, print the eval table, and write the neighbours sheet and the map.
 
-    About 1.5 minutes on 2 CPU cores. Re-running reuses every finished step (same settings, same
+    About 2.5 minutes on 2 CPU cores (1.5 with --no-imagenet). Re-running reuses every finished step (same settings, same
     results).
 
     Examples:
