@@ -80,8 +80,9 @@ class DemoReport:
 
     @property
     def trained(self) -> str:
-        """The name of the trained space."""
-        return f"{self.arch}-trained"
+        """The name of the trained space (`ARCH-trained`; else the last space, which run_demo puts last)."""
+        name = f"{self.arch}-trained"
+        return name if name in self.indexes else list(self.indexes)[-1]
 
     def summary(self) -> str:
         """The closing words: where things are and what to try next."""
@@ -259,6 +260,24 @@ def _evaluate(
     return db, queries, evaluate_indexes(db, queries, ks=config.ks)
 
 
+def _spaces(config: DemoConfig, trained: str, checkpoint: Path) -> dict[str, tuple[str | None, str | None]]:
+    """Space name -> (backbone, weights): pixels, frozen ImageNet features if asked, the trained net last."""
+    spaces: dict[str, tuple[str | None, str | None]] = {PIXELS: (PIXELS, None)}
+    if config.pretrained:
+        spaces[f"{config.pretrained}-imagenet"] = (config.pretrained, "imagenet")
+    spaces[trained] = (None, str(checkpoint))
+    return spaces
+
+
+def _caption(config: DemoConfig, n_queries: int, n_db: int) -> str:
+    """The table's caption: what queried what, and how each space was made."""
+    frozen = f"; {config.pretrained} with ImageNet weights, frozen" if config.pretrained else ""
+    return (
+        f"{n_queries} test images querying {n_db} training images "
+        f"(8 shape classes; {config.arch} trained {config.epochs} epochs on the train split{frozen})"
+    )
+
+
 def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoReport:
     """Run (or resume) the whole demo under `config.out`."""
     from retrieval.sheet import neighbour_blocks, write_sheet
@@ -284,10 +303,7 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
 
     t = time.perf_counter()
     trained = f"{config.arch}-trained"
-    spaces: dict[str, tuple[str | None, str | None]] = {PIXELS: (PIXELS, None)}
-    if config.pretrained:
-        spaces[f"{config.pretrained}-imagenet"] = (config.pretrained, "imagenet")
-    spaces[trained] = (None, str(checkpoint))
+    spaces = _spaces(config, trained, checkpoint)
     indexes = {name: index_root / name for name in spaces}
     test_indexes = {name: index_root / "test" / name for name in spaces}
     all_reused = True
@@ -302,11 +318,7 @@ def run_demo(config: DemoConfig, progress: DemoProgress | None = None) -> DemoRe
     db, queries, results = _evaluate(
         config, [indexes[n] for n in spaces], [test_indexes[n] for n in spaces], progress
     )
-    frozen = f"; {config.pretrained} with ImageNet weights, frozen" if config.pretrained else ""
-    caption = (
-        f"{queries[0].vectors.shape[0]} test images querying {len(db[0])} training images "
-        f"(8 shape classes; {config.arch} trained {config.epochs} epochs on the train split{frozen})"
-    )
+    caption = _caption(config, queries[0].vectors.shape[0], len(db[0]))
     seconds["eval"] = time.perf_counter() - t
 
     t = time.perf_counter()
