@@ -451,6 +451,8 @@ def test_hover_shows_preview_with_path_and_label(session: Session) -> None:
     assert session.page.is_visible("#preview")
     assert session.page.text_content("#preview-path") == path
     assert session.page.text_content("#preview-label").startswith("heart")
+    # Sharp: the original file replaces the 64 px thumbnail once it has loaded from disk.
+    session.wait("__map.previewSource === 'original'")
     session.page.mouse.move(1, 1)  # off the canvas: the preview goes
     assert not session.page.is_visible("#preview")
 
@@ -646,6 +648,24 @@ def test_open_original_names_the_file_under_an_awkward_root(browser, samples: Pa
         href = s.page.get_attribute("#open-original", "href")
         target = Path(urllib.parse.unquote(urllib.parse.urlparse(href).path))
         assert target == root / path and target.is_file(), href
+    finally:
+        s.page.close()
+
+
+@pytest.mark.browser
+def test_a_page_moved_away_from_its_images_keeps_the_thumbnail_preview(
+    browser, page_file: Path, tmp_path: Path
+) -> None:
+    moved = tmp_path / "elsewhere.html"
+    text = page_file.read_text()
+    root = json.loads(re.search(r'"rootUrl":\s*("[^"]*")', text).group(1))
+    moved.write_text(text.replace(root, "file:///no/such/folder/"))
+    s = Session(browser, moved)
+    try:
+        s.page.mouse.move(*s.point("train/heart/0003.png"))
+        s.wait("__map.previewSource === 'thumbnail'")
+        time.sleep(0.3)  # the failed load has come back by now
+        assert s.js("__map.previewSource") == "thumbnail" and not s.errors
     finally:
         s.page.close()
 

@@ -130,7 +130,8 @@ def render_map(out: str | os.PathLike, page: MapPage, atlases: Sequence[bytes]) 
     csp = (
         "default-src 'none'; "
         f"script-src {_csp_hash(js)}; style-src {_csp_hash(css)}; "
-        "img-src data: blob:; base-uri 'none'; form-action 'none'"
+        # file: for the hover preview's original image (the page is itself a local file).
+        "img-src data: blob: file:; base-uri 'none'; form-action 'none'"
     )
     head, rest = template.split("{{BODY_DATA}}")
     # The title goes in last, so text in it can never be mistaken for another placeholder.

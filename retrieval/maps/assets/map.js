@@ -428,7 +428,7 @@
     // Built with the URL API from the root's file URL (encoded by Python) and the relative path:
     // every character of the name is percent-encoded, none can become markup or script.
     try {
-      open.href = new URL(paths[i].split("/").map(encodeURIComponent).join("/"), info.rootUrl).href;
+      open.href = originalUrl(i);
       open.hidden = false;
     } catch (err) { open.hidden = true; }
     $("neighbours-of").textContent = `of ${paths[i]} (${D.labelNames[labelOf[i]]}), in the ${info.dim || ""}-d feature space (${info.metric || "l2"})${among}:`;
@@ -451,18 +451,38 @@
   const preview = $("preview");
   const pctx = $("preview-img").getContext("2d");
   let hovered = -1;
+  let previewSource = "";
+  const PREVIEW = 192;
+  function originalUrl(i) {
+    // The root's file URL comes encoded from Python; every part of the relative path is encoded here.
+    return new URL(paths[i].split("/").map(encodeURIComponent).join("/"), info.rootUrl).href;
+  }
   function showPreview(i, clientX, clientY) {
     if (i < 0) { preview.hidden = true; hovered = -1; return; }
     if (i !== hovered) {
       hovered = i;
-      const side = Math.min(192, 2 * TS);
       const cv = $("preview-img");
-      if (cv.width !== side) { cv.width = cv.height = side; cv.style.width = cv.style.height = `${side}px`; }
-      pctx.clearRect(0, 0, side, side);
+      if (cv.width !== PREVIEW) { cv.width = cv.height = PREVIEW; cv.style.width = cv.style.height = `${PREVIEW}px`; }
+      pctx.clearRect(0, 0, PREVIEW, PREVIEW);
       pctx.imageSmoothingQuality = "high";
+      // The thumbnail at most 2x at once (centred), then the original file itself, sharp, once it
+      // has loaded from disk; a page moved away from its images keeps the thumbnail.
+      const side = Math.min(PREVIEW, 2 * TS), off = (PREVIEW - side) / 2;
       const [img, sx, sy] = tile(i);
-      if (img) pctx.drawImage(img, sx, sy, TS, TS, 0, 0, side, side);
-      else { pctx.fillStyle = css[groupOf[i]]; pctx.fillRect(0, 0, side, side); }
+      if (img) pctx.drawImage(img, sx, sy, TS, TS, off, off, side, side);
+      else { pctx.fillStyle = css[groupOf[i]]; pctx.fillRect(off, off, side, side); }
+      previewSource = "thumbnail";
+      const full = new Image();
+      full.onload = () => {
+        if (hovered !== i) return;
+        const s = Math.min(full.naturalWidth, full.naturalHeight);
+        pctx.clearRect(0, 0, PREVIEW, PREVIEW);
+        // Centre square, as the thumbnails are cut.
+        pctx.drawImage(full, (full.naturalWidth - s) / 2, (full.naturalHeight - s) / 2, s, s, 0, 0, PREVIEW, PREVIEW);
+        previewSource = "original";
+      };
+      full.onerror = () => {};
+      try { full.src = originalUrl(i); } catch (err) { /* no root URL: the thumbnail stays */ }
       $("preview-path").textContent = paths[i];
       $("preview-label").textContent = `${D.labelNames[labelOf[i]]} · id ${idOf[i]}`;
     }
@@ -649,6 +669,7 @@
     focus: { get: () => focus, enumerable: true },
     thumbSide: { get: () => thumbPx() / dpr, enumerable: true }, // CSS px
     frameSide: { get: () => frameWidth(thumbPx()) / dpr, enumerable: true }, // CSS px
+    previewSource: { get: () => previewSource, enumerable: true }, // "thumbnail" or "original"
   });
   Object.freeze(hook);
   Object.defineProperty(window, "__map", { value: hook, writable: false, configurable: false });
