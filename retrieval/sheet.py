@@ -6,7 +6,7 @@ import base64
 import html
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -272,6 +272,13 @@ def render_html(blocks: Sequence[QueryBlock], title: str = "Nearest neighbours",
 # PNG
 
 
+def name_lines(name: str, fits: Callable[[str], bool]) -> list[str]:
+    """A row's space name on one line, or split before its weights ("efficientnet_lite0",
+    "· ImageNet") when one line does not fit: cut at the front, the backbone's name was lost."""
+    head, sep, tail = name.partition(" · ")
+    return [name] if fits(name) or not sep else [head, f"· {tail}"]
+
+
 def render_png(
     blocks: Sequence[QueryBlock], title: str = "Nearest neighbours", note: str = ""
 ) -> Image.Image:
@@ -328,13 +335,17 @@ def render_png(
         )
         y += header_h
         for row in block.rows:
-            draw.text(
-                (pad, y + THUMB // 2 - 8),
-                fit(row.space, label_w - 2 * pad, bold),
-                fill=(20, 20, 20),
-                font=bold,
-            )
-            draw.text((pad, y + THUMB // 2 + 8), same_label(row), fill=(85, 85, 85), font=font)
+            room = label_w - 2 * pad
+            lines = name_lines(row.space, lambda t, room=room: draw.textlength(t, font=bold) <= room)
+            shift = 8 * (len(lines) - 1)
+            for j, line in enumerate(lines):
+                draw.text(
+                    (pad, y + THUMB // 2 - 8 - shift + 16 * j),
+                    fit(line, room, bold),
+                    fill=(20, 20, 20),
+                    font=bold,
+                )
+            draw.text((pad, y + THUMB // 2 + 8 + shift), same_label(row), fill=(85, 85, 85), font=font)
             x = label_w
             put(row.query, x, y, (42, 111, 219), row.space)
             for cell in row.neighbours:

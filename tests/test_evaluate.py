@@ -595,3 +595,15 @@ def test_knn_ignores_missing_neighbours_and_means_skip_queries_without_relevant_
     means = m.mean_over_queries(per, ["P@1", "kNN@1"], np.array([False, False]))
     assert np.isnan(means["P@1"]) and means["kNN@1"] == 0.5
     assert m.recall_vs_exact(np.array([[4]]), np.array([[4]]), 1) == 1.0
+
+
+def test_a_long_space_name_splits_before_its_weights_on_the_png() -> None:
+    from retrieval.sheet import name_lines
+
+    # Cut at the front, "efficientnet_lite0 · ImageNet" became "…icientnet_lite0 · ImageNet".
+    def narrow(t: str) -> bool:
+        return len(t) <= 20
+
+    assert name_lines("efficientnet_lite0 · ImageNet", narrow) == ["efficientnet_lite0", "· ImageNet"]
+    assert name_lines("lenet · best.pt", narrow) == ["lenet · best.pt"]
+    assert name_lines("a_very_long_pixel_space_name", narrow) == ["a_very_long_pixel_space_name"]
