@@ -296,7 +296,7 @@ def _build_index(
             )
         with timer.stage("commit"):
             order = [e.relpath for e in entries] + [p for p, _ in problems]
-            manifest = commit(index_dir, staging, order, manifest, config.shard_rows)
+            manifest = commit(index_dir, staging, order, manifest, config.shard_rows, config.search, progress)
     return IndexReport(
         index=index_dir,
         indexed=manifest.counts.indexed,

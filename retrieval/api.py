@@ -13,7 +13,7 @@ import numpy as np
 from retrieval.errors import BadImageError, IndexFormatError, RetrieveError
 from retrieval.paths import user_path
 from retrieval.query import Hit, Searcher, check_k
-from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest
+from retrieval.store import generation_dir, load_vectors, read_jsonl, read_manifest, shard_rows
 
 __all__ = ["Hit", "Index", "check_k", "open_index"]
 
@@ -124,7 +124,28 @@ class Index:
         if not (self.dir / "index.faiss").exists():
             raise IndexFormatError(f"{self.path} lacks its FAISS index file.")
         record = self.manifest.search_index
-        return load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path))
+        rows = self.rows  # approximate kinds re-rank from the memory-mapped shards
+        return load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path), rows=rows)
+
+    @cached_property
+    def rows(self):  # -> ShardedVectors
+        """The stored vectors as a RowSource: memory-mapped shards, read row by row where asked."""
+        return self._read(lambda: shard_rows(self.path, self.manifest))
+
+    def _search(self, x: np.ndarray, k: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The index's answer, or with `exact` (and an approximate index) brute force over the shards."""
+        if not exact or self.manifest.search_index.get("type", "exact") == "exact":
+            return self.vector_index.search(x, k)
+        from retrieval.index import brute_force, normalize_rows
+
+        x = np.ascontiguousarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise RetrieveError(f"query vectors have shape {x.shape}, the index holds {self.dim}-d rows")
+        if not np.isfinite(x).all():
+            raise RetrieveError("the vectors contain NaN or infinity")
+        xq = normalize_rows(x) if self.metric == "cosine" else x
+        dist, ids = brute_force(self.rows.blocks(), xq, k, self.metric)
+        return dist.astype(np.float32), ids
 
     # -- lookups ------------------------------------------------------------------------------
     def id_of(self, ref: str | int | os.PathLike) -> int:
@@ -167,8 +188,11 @@ class Index:
         return Hit(rank, int(i), float(distance), self.paths[i], self.labels[i])
 
     # -- search -------------------------------------------------------------------------------
-    def search_vectors(self, x: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Neighbours of each row of `x` (already embedded with this index's backbone)."""
+    def search_vectors(self, x: np.ndarray, k: int = 10, exact: bool = False) -> list[list[Hit]]:
+        """Neighbours of each row of `x` (already embedded with this index's backbone).
+
+        `exact` answers by brute force over the stored vectors when the index is approximate.
+        """
         k = check_k(k)
         if np.iscomplexobj(x):
             raise RetrieveError("query vectors must be real numbers, not complex.")
@@ -176,7 +200,7 @@ class Index:
             x = np.atleast_2d(np.asarray(x, np.float32))
         except (TypeError, ValueError) as exc:
             raise RetrieveError(f"query vectors must be a numeric array ({exc}).") from None
-        dist, ids = self.vector_index.search(x, min(k, len(self)))
+        dist, ids = self._search(x, min(k, len(self)), exact)
         return self._hits(ids, dist)
 
     def _hits(self, ids: np.ndarray, dist: np.ndarray) -> list[list[Hit]]:
@@ -185,7 +209,9 @@ class Index:
             for row_ids, row_d in zip(ids, dist, strict=True)
         ]
 
-    def search_ids(self, refs: list[str | int], k: int = 10, exclude_self: bool = True) -> list[list[Hit]]:
+    def search_ids(
+        self, refs: list[str | int], k: int = 10, exclude_self: bool = True, exact: bool = False
+    ) -> list[list[Hit]]:
         """Neighbours of images already in the index, by id or path; the image itself is left out."""
         from retrieval.index import drop_self
 
@@ -194,8 +220,8 @@ class Index:
         ids = np.array([self.id_of(r) for r in refs], dtype=np.int64)
         x = self.vector_index.reconstruct(ids)  # the rows asked for, not a copy of every shard
         if not exclude_self:
-            return self.search_vectors(x, k)
-        dist, nb = self.vector_index.search(x, min(k + 1, len(self)))
+            return self.search_vectors(x, k, exact=exact)
+        dist, nb = self._search(x, min(k + 1, len(self)), exact)
         nb, dist = drop_self(nb, dist, ids, k)
         return self._hits(nb, dist)
 
@@ -219,11 +245,11 @@ class Index:
         return embed_files(prepare_model(backbone, runtime), runtime, paths, tta=tta, on_bad=on_bad)
 
     def search_paths(
-        self, paths: list[str | os.PathLike], k: int = 10, device: str = "auto"
+        self, paths: list[str | os.PathLike], k: int = 10, device: str = "auto", exact: bool = False
     ) -> list[list[Hit]]:
         k = check_k(k)
         paths = [paths] if isinstance(paths, str | os.PathLike) else paths
-        return self.search_vectors(self.embed(paths, device=device), k)
+        return self.search_vectors(self.embed(paths, device=device), k, exact=exact)
 
     def search(self, query: Any, k: int = 10) -> list[list[Hit]]:
         """Dispatch on the type (see `Searcher.search`): vectors, ids, indexed paths or image files."""

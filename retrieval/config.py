@@ -8,6 +8,30 @@ from typing import Any
 
 from retrieval.errors import RetrieveError
 
+SEARCH_MODES = ("auto", "exact")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How `retrieve index` picks its search index (see retrieval.index.choose)."""
+
+    search: str = "auto"  # "auto" (measured choice), "exact" (flat), or a FAISS factory string
+    max_memory: int | None = None  # bytes the search index may hold in RAM; None = half of RAM
+    min_recall: float = 0.95  # recall@10 against exact search that the choice must measure
+    max_latency_ms: float = 10.0  # p50 of one query that an operating point must keep under
+    queries: int = 1000  # held-out rows the recall is measured on
+    seed: int = 0  # for the query rows and the training sample
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_recall <= 1.0:
+            raise RetrieveError(f"«min_recall» must be in (0, 1] (got {self.min_recall}).")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise RetrieveError(f"«max_memory» must be above 0 (got {self.max_memory}).")
+        if not self.search.strip():
+            raise RetrieveError("«search» is empty: give auto, exact or a FAISS factory string.")
+        if self.queries < 1:
+            raise RetrieveError("«queries» must be at least 1")
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -27,6 +51,7 @@ class IndexConfig:
     shard_rows: int = 4096  # vectors per shard on disk: the unit of resumable progress
     flush_seconds: float = 30.0  # ...and a shard at least this often, so a kill loses at most this much
     engine: str = "local"  # where the pipeline runs; "local" (Ray is a later engine)
+    search: SearchConfig = SearchConfig()  # which search index is built over the vectors
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexConfig:

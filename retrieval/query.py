@@ -62,9 +62,10 @@ def check_k(k: Any) -> int:
 class Searcher:
     """Answers queries against one open index; the backbone is loaded on the first file query."""
 
-    def __init__(self, index: Index, device: str = "auto") -> None:
+    def __init__(self, index: Index, device: str = "auto", exact: bool = False) -> None:
         self.index = index
         self.device = device
+        self.exact = exact  # brute force over the stored vectors, whatever the search index
 
     def query(
         self,
@@ -79,7 +80,7 @@ class Searcher:
         results = self._files(list(files), k) if len(files) else []
         results += self._ids(list(ids), k, exclude_self) if len(ids) else []
         if vectors is not None:
-            hits = self.index.search_vectors(vectors, k)
+            hits = self.index.search_vectors(vectors, k, exact=self.exact)
             results += [QueryResult(f"vector {i}", h) for i, h in enumerate(hits)]
         return results
 
@@ -95,7 +96,11 @@ class Searcher:
     def _files(self, files: list[str | os.PathLike], k: int) -> list[QueryResult]:
         vectors, failed = self.embed(files)
         good = [i for i in range(len(files)) if i not in failed]
-        answers = dict(zip(good, self.index.search_vectors(vectors, k), strict=True)) if good else {}
+        answers = (
+            dict(zip(good, self.index.search_vectors(vectors, k, exact=self.exact), strict=True))
+            if good
+            else {}
+        )
         return [QueryResult(str(f), answers.get(i), failed.get(i)) for i, f in enumerate(files)]
 
     def _ids(self, refs: list[str | int], k: int, exclude_self: bool) -> list[QueryResult]:
@@ -106,7 +111,7 @@ class Searcher:
                 known[j] = self.index.id_of(ref)
             except RetrieveError as exc:
                 failed[j] = str(exc)
-        hits = self.index.search_ids(list(known.values()), k, exclude_self) if known else []
+        hits = self.index.search_ids(list(known.values()), k, exclude_self, exact=self.exact) if known else []
         answers = dict(zip(known, hits, strict=True))
         return [QueryResult(str(r), answers.get(j), failed.get(j)) for j, r in enumerate(refs)]
 
@@ -116,7 +121,7 @@ class Searcher:
         = that image, left out of its own results as with ids; any other str/Path = an image file to
         embed. Lists may mix."""
         if isinstance(query, np.ndarray):
-            return self.index.search_vectors(query, k)
+            return self.index.search_vectors(query, k, exact=self.exact)
         queries = list(query) if isinstance(query, list | tuple) else [query]
         bad = [q for q in queries if not isinstance(q, int | np.integer | str | os.PathLike)]
         if bad or not queries:
@@ -135,11 +140,13 @@ class Searcher:
         out: list[list[Hit]] = [[] for _ in queries]
         if files:
             embedded = self.index.embed([queries[i] for i in files], device=self.device)
-            for i, hits in zip(files, self.index.search_vectors(embedded, k), strict=True):
+            for i, hits in zip(files, self.index.search_vectors(embedded, k, exact=self.exact), strict=True):
                 out[i] = hits
         as_files = set(files)
         rest = [i for i in range(len(queries)) if i not in as_files]
         if rest:
-            for i, hits in zip(rest, self.index.search_ids([queries[i] for i in rest], k), strict=True):
+            for i, hits in zip(
+                rest, self.index.search_ids([queries[i] for i in rest], k, exact=self.exact), strict=True
+            ):
                 out[i] = hits
         return out

@@ -79,7 +79,12 @@ def test_manifest_names_its_search_index_and_unknown_kinds_are_refused(tmp_path:
     build_index(IndexConfig(images=tmp_path / "s", index=tmp_path / "idx", backbone="pixels"))
     manifest_path = tmp_path / "idx" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["search_index"] == {"type": "exact", "faiss": "IndexFlatL2"}
+    record = manifest["search_index"]
+    assert {k: record[k] for k in ("type", "faiss")} == {"type": "exact", "faiss": "IndexFlatL2"}
+    # What `info` shows: exact search measures recall 1, its latency and its size on disk.
+    assert record["recall_at_10"] == 1.0 and 0 < record["p50_ms"] <= record["p95_ms"]
+    size = (tmp_path / "idx" / manifest["generation"] / "index.faiss").stat().st_size
+    assert record["bytes_per_vector"] == round(size / manifest["counts"]["indexed"], 1)
     assert open_index(tmp_path / "idx").search_ids([0], k=1, exclude_self=False)[0][0].id == 0
     manifest["search_index"] = {"type": "ivf-pq", "faiss": "IndexIVFPQ"}
     manifest_path.write_text(json.dumps(manifest))

@@ -1,12 +1,28 @@
-"""Nearest-neighbour search indexes: the VectorIndex protocol (base) and its members (exact)."""
+"""Nearest-neighbour search: the VectorIndex protocol, exact and approximate kinds, the measured choice."""
 
-from retrieval.index.base import METRICS, VectorIndex, check_metric, drop_self, load_index, normalize_rows
-from retrieval.index.exact import ExactIndex
+from retrieval.index.approx import FactoryIndex
+from retrieval.index.base import (
+    METRICS,
+    ArrayRows,
+    RowSource,
+    VectorIndex,
+    check_metric,
+    drop_self,
+    load_index,
+    normalize_rows,
+)
+from retrieval.index.choose import build_search_index
+from retrieval.index.exact import ExactIndex, brute_force
 
 __all__ = [
     "METRICS",
+    "ArrayRows",
     "ExactIndex",
+    "FactoryIndex",
+    "RowSource",
     "VectorIndex",
+    "brute_force",
+    "build_search_index",
     "check_metric",
     "drop_self",
     "load_index",

@@ -7,7 +7,7 @@ manifest records `index.record()` as `search_index`, and `load_index` opens what
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +30,39 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
+def exact_distances(rows: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    """Distances of `rows` [n, k, d] to their queries `q` [n, 1, d], as ExactIndex reports them."""
+    if metric == "l2":
+        diff = rows - q  # direct differences: no cancellation, unlike |x|^2 + |y|^2 - 2xy
+        return np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+    return 1.0 - np.einsum("qkd,qkd->qk", rows, np.broadcast_to(q, rows.shape))
+
+
+class RowSource(Protocol):
+    """Stored vectors by id (row i is id i): an array, or the generation's memory-mapped shards."""
+
+    def __len__(self) -> int: ...
+    def take(self, ids: np.ndarray) -> np.ndarray: ...
+    def blocks(self) -> Iterator[np.ndarray]: ...
+
+
+class ArrayRows:
+    """A RowSource over one array (or memmap), without copying it."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.x[np.asarray(ids, np.int64)], np.float32)
+
+    def blocks(self, rows: int = 65536) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.x), rows):
+            yield np.asarray(self.x[start : start + rows], np.float32)
+
+
 class VectorIndex(Protocol):
     """What readers (query, eval, map, sheet) need of a fitted index; the scikit-learn contract."""
 
@@ -49,18 +82,27 @@ class VectorIndex(Protocol):
     def dim(self) -> int: ...
 
 
-# kind (the manifest's search_index.type) -> loader(path, metric, record) of a fitted index.
-_KINDS: dict[str, Callable[[str | os.PathLike, str, dict[str, Any]], VectorIndex]] = {}
+# kind (the manifest's search_index.type) -> loader(path, metric, record, rows) of a fitted index.
+Loader = Callable[[str | os.PathLike, str, dict[str, Any], RowSource | None], VectorIndex]
+_KINDS: dict[str, Loader] = {}
 
 
-def register_kind(kind: str, loader: Callable[[str | os.PathLike, str, dict[str, Any]], VectorIndex]) -> None:
+def register_kind(kind: str, loader: Loader) -> None:
     if kind in _KINDS:
         raise RetrieveError(f"search index kind {kind!r} is registered twice")
     _KINDS[kind] = loader
 
 
-def load_index(path: str | os.PathLike, metric: str, record: dict[str, Any], where: str) -> VectorIndex:
+def load_index(
+    path: str | os.PathLike,
+    metric: str,
+    record: dict[str, Any],
+    where: str,
+    rows: RowSource | None = None,
+) -> VectorIndex:
     """Open the index file `path` of the kind `record` names; `where` names the index in errors.
+
+    `rows` are the stored vectors, which approximate kinds re-rank from.
 
     Kinds register when their module is imported: `retrieval.index` imports every one.
     """
@@ -70,7 +112,7 @@ def load_index(path: str | os.PathLike, metric: str, record: dict[str, Any], whe
             f"{where} holds a {kind!r} search index, which this version of retrieve cannot read; "
             "upgrade retrieve or rebuild the index."
         )
-    return _KINDS[kind](path, metric, record)
+    return _KINDS[kind](path, metric, record, rows)
 
 
 def drop_self(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import RetrieveError, first_line
-from retrieval.index.base import check_metric, normalize_rows, register_kind
+from retrieval.index.base import check_metric, exact_distances, normalize_rows, register_kind
 
 
 class ExactIndex:
@@ -56,7 +56,7 @@ class ExactIndex:
 
     def record(self) -> dict[str, Any]:
         """What the manifest records as `search_index`: enough for `load_index` to open the file."""
-        return {"type": "exact", "faiss": type(self.index_).__name__}
+        return {"type": "exact", "faiss": type(self.index_).__name__, **getattr(self, "tuning_", {})}
 
     @property
     def ntotal(self) -> int:
@@ -134,4 +134,46 @@ class ExactIndex:
         return obj
 
 
-register_kind("exact", lambda path, metric, record: ExactIndex.load(path, metric=metric))
+def brute_force(
+    blocks: Iterable[np.ndarray], xq: np.ndarray, k: int, metric: str, slack: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows of `xq` over vectors given block by block (memory: one block at a time).
+
+    Ids are row positions across the blocks. Each block's best `k + slack` are kept and their
+    distances recomputed directly before the final sort, so float32 cancellation in FAISS's
+    batched kernel cannot reorder near-ties at the k-th place. `xq` must be prepared already
+    (unit rows under cosine); the blocks are normalised here.
+    """
+    import faiss
+
+    check_metric(metric)
+    kind = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    xq = np.ascontiguousarray(xq, np.float32)
+    best_d = np.full((len(xq), 0), np.inf, np.float32)
+    best_i = np.full((len(xq), 0), -1, np.int64)
+    offset = 0
+    for block in blocks:
+        block = np.ascontiguousarray(block, np.float32)
+        if metric == "cosine":
+            block = normalize_rows(block)
+        kk = min(k + slack, len(block))
+        if kk:
+            _, ids = faiss.knn(xq, block, kk, metric=kind)
+            rows = block[ids]  # [q, kk, d]
+            dist = exact_distances(rows, xq[:, None, :], metric).astype(np.float32)
+            best_d = np.concatenate([best_d, dist], axis=1)
+            best_i = np.concatenate([best_i, ids.astype(np.int64) + offset], axis=1)
+            keep = np.argsort(best_d, axis=1, kind="stable")[:, : k + slack]
+            best_d = np.take_along_axis(best_d, keep, axis=1)
+            best_i = np.take_along_axis(best_i, keep, axis=1)
+        offset += len(block)
+    order = np.lexsort((best_i, best_d), axis=1)[:, :k]  # ties: lower id first, like FAISS
+    dist, ids = np.take_along_axis(best_d, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+    if dist.shape[1] < k:  # fewer rows than k
+        pad = k - dist.shape[1]
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    return dist, ids
+
+
+register_kind("exact", lambda path, metric, record, rows=None: ExactIndex.load(path, metric=metric))

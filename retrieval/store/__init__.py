@@ -26,7 +26,7 @@ from retrieval.store.manifest import (
     Manifest,
     WeightsRecord,
 )
-from retrieval.store.reader import generation_dir, load_vectors, read_manifest
+from retrieval.store.reader import ShardedVectors, generation_dir, load_vectors, read_manifest, shard_rows
 from retrieval.store.staging import STAGING, Done, Staging
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Counts",
     "Done",
     "Manifest",
+    "ShardedVectors",
     "Staging",
     "WeightsRecord",
     "commit",
@@ -47,6 +48,7 @@ __all__ = [
     "load_vectors",
     "read_jsonl",
     "read_manifest",
+    "shard_rows",
     "write_jsonl",
     "write_npy",
     "write_parquet",

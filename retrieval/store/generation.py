@@ -15,13 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval.atomic import sync_dir, write_json
+from retrieval.config import SearchConfig
 from retrieval.errors import EmptyInputError
 from retrieval.store.files import METADATA_SCHEMA, read_jsonl, write_jsonl, write_npy, write_parquet
 from retrieval.store.manifest import GENERATION, MANIFEST, Counts, Manifest
+from retrieval.store.reader import ShardedVectors
 from retrieval.store.staging import Staging
 
 if TYPE_CHECKING:
-    from retrieval.index import VectorIndex
+    from retrieval.progress import Progress
 
 
 def _generations(index_dir: Path) -> list[Path]:
@@ -94,15 +96,18 @@ def commit(
     order: Sequence[str],
     manifest: Manifest,
     shard_rows: int,
-    index: VectorIndex | None = None,
+    search: SearchConfig | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Turn the staged shards into a new generation, then switch manifest.json to it.
 
     `order` is the scan order of relative paths: ids follow it, whatever order (or how many
     interrupted runs) the shards were written in. Files staged but no longer present are dropped.
-    `index` is the (unfitted) search index to build over the vectors: exact search by default.
+    `search` says which search index to build over the vectors (exact search by default); it is
+    built from the generation's shards once they are written, memory-mapped, so the build holds
+    the index and one training sample, not the vectors.
     """
-    from retrieval.index import ExactIndex
+    from retrieval.index import build_search_index
 
     staging.flush()
     shard_paths = staging.shards()
@@ -122,11 +127,14 @@ def commit(
     tmp.mkdir(parents=True)
 
     vector_files: list[str] = []
-    blocks = _vector_blocks(selection, shard_paths, manifest.dim, shard_rows, tmp, vector_files)
-    index = (index or ExactIndex(metric=manifest.metric)).fit(blocks)
+    for _ in _vector_blocks(selection, shard_paths, manifest.dim, shard_rows, tmp, vector_files):
+        pass
+    rows = ShardedVectors([tmp / f for f in vector_files], manifest.dim)
+    index = build_search_index(rows, manifest.metric, search or SearchConfig(search="exact"), progress)
     index.save(tmp / "index.faiss")
     with open(tmp / "index.faiss", "rb+") as fh:  # FAISS writes it directly: make it durable too
         os.fsync(fh.fileno())
+    bytes_per_vector = round(os.path.getsize(tmp / "index.faiss") / len(rows), 1)
     ids = pa.array(np.arange(len(selection.rows), dtype=np.int64))
     table = pa.Table.from_pylist(selection.rows, schema=METADATA_SCHEMA)
     write_parquet(tmp / "metadata.parquet", table.add_column(0, "id", ids))
@@ -138,8 +146,9 @@ def commit(
         name,
         vector_files,
         Counts(len(selection.rows), len(selection.skipped)),
-        # What index.faiss is, for `index.load_index`: its kind, factory string and parameters.
-        index.record(),
+        # What index.faiss is, for `index.load_index`: its kind, factory string and parameters,
+        # with what it measured (recall@10, latency) and its size.
+        index.record() | {"bytes_per_vector": bytes_per_vector},
         time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     write_json(index_dir / MANIFEST, manifest.to_dict())  # the atomic switch to the new generation

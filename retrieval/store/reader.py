@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,47 @@ def load_vectors(index_dir: str | os.PathLike, manifest: Manifest, mmap: bool = 
     if not parts:
         return np.zeros((0, dim), np.float32)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class ShardedVectors:
+    """The generation's vector shards as one RowSource: memory-mapped, read only where asked.
+
+    Re-ranking an approximate search reads a few hundred rows per query from here; nothing loads
+    the whole matrix (a 1M x 512 index is 2 GB of shards).
+    """
+
+    def __init__(self, files: list[Path], dim: int) -> None:
+        self.parts = [np.load(f, mmap_mode="r") for f in files]
+        if any(p.ndim != 2 or p.shape[1] != dim or p.dtype != np.float32 for p in self.parts):
+            raise IndexFormatError(
+                f"{files[0].parent} is damaged: a vector file is not float32 rows of {dim}."
+            )
+        self.dim = dim
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"row ids outside 0..{len(self) - 1}")
+        out = np.empty((len(ids), self.dim), np.float32)
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        for s in np.unique(shard):
+            mask = shard == s
+            out[mask] = self.parts[s][ids[mask] - self.starts[s]]
+        return out
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for part in self.parts:
+            yield np.asarray(part, np.float32)
+
+
+def shard_rows(index_dir: str | os.PathLike, manifest: Manifest) -> ShardedVectors:
+    """The live generation's vectors as a RowSource (see ShardedVectors)."""
+    gen = generation_dir(index_dir, manifest)
+    try:
+        return ShardedVectors([gen / f for f in manifest.vector_files], manifest.dim)
+    except (OSError, ValueError, EOFError):
+        raise IndexFormatError(f"{index_dir} is damaged: a vector file cannot be read.") from None
