@@ -8,14 +8,16 @@ from typing import Any
 
 from retrieval.errors import RetrieveError
 
-SEARCH_MODES = ("auto", "exact")
+SEARCH_MODES = ("auto", "approximate", "exact")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """How `retrieve index` picks its search index (see retrieval.index.choose)."""
 
-    search: str = "auto"  # "auto" (measured choice), "exact" (flat), or a FAISS factory string
+    # "auto": exact below 100k vectors, else the measured choice; "approximate": the measured
+    # choice at any size; "exact": flat search; or a FAISS factory string, measured as it is.
+    search: str = "auto"
     max_memory: int | None = None  # bytes the search index may hold in RAM; None = half of RAM
     min_recall: float = 0.95  # recall@10 against exact search that the choice must measure
     max_latency_ms: float = 10.0  # p50 of one query that an operating point must keep under

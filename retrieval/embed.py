@@ -97,6 +97,11 @@ def load_recorded_backbone(manifest: Manifest) -> Backbone:
     Refuses weights whose hash differs from the recorded one, and a preprocessing that differs.
     """
     w = manifest.weights
+    if w.kind == "precomputed":
+        raise RetrieveError(
+            f"This index holds precomputed vectors (from {manifest.root}): it has no network to embed "
+            "image files with. Query it by id (`--id`) or with vectors (`Index.search_vectors`)."
+        )
     if w.kind == "pixels":
         weights = None
     elif w.kind == "checkpoint":

@@ -105,3 +105,20 @@ def print_metrics(
 
 def _mark(text: str) -> str:
     return f"[bold green]{text}[/]" if text.endswith("*") else text
+
+
+def search_row(record: dict) -> str:
+    """The search index in one line: kind, operating point, measured recall, latency and size."""
+    kind = record.get("type", "exact")
+    what = "exact (flat)" if kind == "exact" else str(record.get("factory", kind))
+    params = record.get("params") or {}
+    if params:
+        what += " (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")"
+    parts = [what]
+    if "recall_at_10" in record:
+        parts.append(f"recall@10 {record['recall_at_10']:.3f}")
+    if "p50_ms" in record:
+        parts.append(f"p50 {record['p50_ms']:.2f} ms, p95 {record.get('p95_ms', float('nan')):.2f} ms")
+    if "bytes_per_vector" in record:
+        parts.append(f"{record['bytes_per_vector']:,.0f} B/vector")
+    return "  ".join(parts)

@@ -11,65 +11,15 @@ from rich.table import Table
 
 from retrieval.cli._app import command, console, err_console, esc
 from retrieval.cli._indexes import IndexArg, IndexOpt, open_one, remember_last_index
-
-
-class _RichProgress:
-    """Renders the pipeline's progress callbacks as a rich bar with images/s."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=False,
-        )
-        self.task = None
-        self._start = 0.0
-        self._n = 0
-
-    def start(self, total: int, done: int, description: str) -> None:
-        import time
-
-        self._start = time.perf_counter()
-        self.task = self.bar.add_task(description, total=total, completed=done, rate="")
-        self.bar.start()
-
-    def advance(self, n: int) -> None:
-        import time
-
-        self._n += n
-        rate = self._n / max(time.perf_counter() - self._start, 1e-9)
-        self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
-
-    # Messages are plain text that may quote paths: printed without markup, styled whole.
-    def note(self, message: str) -> None:
-        err_console.print(message, highlight=False, markup=False)
-
-    def warn(self, message: str) -> None:
-        err_console.print(message, style="bold yellow", highlight=False, markup=False)
-
-    def stop(self) -> None:
-        self.bar.stop()
+from retrieval.cli._progress import RichProgress
+from retrieval.cli._table import search_row
 
 
 @command("index")
 def index_cli(
     images: Annotated[
-        Path, typer.Argument(help="Folder of images, scanned recursively; label = parent folder.")
-    ],
+        Path | None, typer.Argument(help="Folder of images, scanned recursively; label = parent folder.")
+    ] = None,
     index: Annotated[
         Path | None,
         typer.Option("--index", "-i", help="Where to write the index. Default: ./indexes/FOLDER-BACKBONE"),
@@ -129,6 +79,16 @@ def index_cli(
     min_recall: Annotated[
         float, typer.Option(help="recall@10 against exact search the chosen index must measure.")
     ] = 0.95,
+    vectors: Annotated[
+        Path | None,
+        typer.Option(
+            help="Index precomputed embeddings instead of images: a folder of .npy shards, or parquet "
+            "files with an embedding column and a path/id column (clip-retrieval's and autofaiss's layout).",
+        ),
+    ] = None,
+    embedding_column: Annotated[
+        str, typer.Option(help="The parquet column holding each row's vector (with --vectors).")
+    ] = "embedding",
 ) -> None:
     """Embed every image under IMAGES and write a FAISS index.
 
@@ -144,12 +104,21 @@ def index_cli(
       retrieve index ./photos                       # again: resumes an interrupted run
       retrieve index ./photos --max-memory 2GB --min-recall 0.95   # approximate above 100k images
       retrieve index ./photos --search exact         # flat search, whatever the size
+      retrieve index --vectors ./embeddings --index ./idx-emb   # .npy shards or parquet
     """
     from pipelines.index_folder import build_index
     from retrieval.backbones import DEFAULT_BACKBONE
     from retrieval.config import IndexConfig, SearchConfig
+    from retrieval.errors import RetrieveError
     from retrieval.index.factory import parse_size
 
+    search_config = SearchConfig(search=search, max_memory=parse_size(max_memory), min_recall=min_recall)
+    if vectors is not None:
+        from retrieval.cli.search import index_vectors
+
+        return index_vectors(images, vectors, index, metric, search_config, embedding_column)
+    if images is None:
+        raise RetrieveError("Give the folder of images to index (or --vectors for precomputed embeddings).")
     if index is None:
         name = backbone or (
             Path(weights).stem if weights not in (None, "imagenet", "none") else DEFAULT_BACKBONE
@@ -169,9 +138,9 @@ def index_cli(
         workers=workers,
         shard_rows=shard_rows,
         flush_seconds=flush_seconds,
-        search=SearchConfig(search=search, max_memory=parse_size(max_memory), min_recall=min_recall),
+        search=search_config,
     )
-    report = build_index(config, progress=_RichProgress())
+    report = build_index(config, progress=RichProgress())
     remember_last_index(report.index)
     reasons = ", ".join(f"{n} {k}" for k, n in sorted(report.skipped_reasons.items()))
     err_console.print(
@@ -303,7 +272,7 @@ def info_cli(
         ("metric", m.metric + ("  (mirror-averaged embeddings: --tta)" if m.tta else "")),
         ("images", f"{m.counts.indexed} indexed, {m.counts.skipped} skipped"),
         ("labels", ", ".join(f"{k} ({counts[k]})" for k in natural_sorted(counts)[:20])),
-        ("search", _search_row(m.search_index)),
+        ("search", search_row(m.search_index)),
         ("generation", f"{m.generation}  committed {m.committed}"),
     ]
     for key, value in rows:
@@ -317,23 +286,6 @@ def info_cli(
         if skipped:
             for r in ledger:
                 console.print(f"  {r['path']}: {r['reason']}", highlight=False, markup=False)
-
-
-def _search_row(record: dict) -> str:
-    """The search index in one line: kind, operating point, measured recall, latency and size."""
-    kind = record.get("type", "exact")
-    what = "exact (flat)" if kind == "exact" else str(record.get("factory", kind))
-    params = record.get("params") or {}
-    if params:
-        what += " (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")"
-    parts = [what]
-    if "recall_at_10" in record:
-        parts.append(f"recall@10 {record['recall_at_10']:.3f}")
-    if "p50_ms" in record:
-        parts.append(f"p50 {record['p50_ms']:.2f} ms, p95 {record.get('p95_ms', float('nan')):.2f} ms")
-    if "bytes_per_vector" in record:
-        parts.append(f"{record['bytes_per_vector']:,.0f} B/vector")
-    return "  ".join(parts)
 
 
 def _weights_row(w) -> str:  # w: retrieval.store.WeightsRecord

@@ -49,7 +49,7 @@ def build_search_index(
     exact_bytes = 4 * n * d
     if mode.lower() == "exact" or (mode.lower() == "auto" and n < FLAT_BELOW and exact_bytes <= budget):
         return _exact(rows, metric)
-    if mode.lower() == "auto":
+    if mode.lower() in ("auto", "approximate"):
         pool = candidates(n, d)
     else:
         pool = [Candidate(mode, estimate_bytes(mode, n, d) or 0, lossy=not mode.endswith(",Flat"))]
@@ -74,7 +74,7 @@ def build_search_index(
             f"{cand.factory}: recall@10 {best.recall:.3f} at {_params(best)}, p50 {best.p50_ms:.2f} ms, "
             f"~{format_size(cand.bytes)}"
         )
-        if ok or mode.lower() != "auto":
+        if ok or mode.lower() not in ("auto", "approximate"):
             index.tuning_ = best.record(len(truth.ids)) | {"min_recall": config.min_recall}
             if not ok:
                 progress.warn(

@@ -101,19 +101,21 @@ def knobs(index: FactoryIndex) -> list[dict[str, int]]:
 def sweep(index: FactoryIndex, rows: RowSource, truth: Truth, lossy: bool = True, k: int = K) -> list[Point]:
     """recall@k at every (probe or beam, re-rank depth) setting, from one deep search per setting.
 
-    FAISS returns candidates sorted by code distance, so the re-rank depth r result is the exact
-    re-ordering of the first r*k candidates: one search at the deepest r serves them all.
+    Measured the way `Index.search_ids` answers: k + 1 results (the query's own row among them)
+    re-ranked from (k + 1) x rerank candidates, own row left out. FAISS returns candidates sorted
+    by code distance, so each depth's candidates are a prefix of the deepest search's: one search
+    serves every depth.
     """
     reranks = RERANKS if lossy else (1,)
-    depth = min(index.ntotal, k * max(reranks) + 1)
+    depth = min(index.ntotal, (k + 1) * max(reranks))
     points = []
     for knob in knobs(index):
         index.set_params(**knob)
-        dist, cand = index.search(truth.x, depth, refine=False)
-        cand, _ = drop_self(cand, dist, truth.ids, depth - 1)
+        _, cand = index.search(truth.x, depth, refine=False)
         exact = _candidate_distances(cand, rows, truth, index.metric)
+        exact[cand == truth.ids[:, None]] = np.inf  # the own row is never an answer
         for r in reranks:
-            width = min(cand.shape[1], r * k)
+            width = min(depth, (k + 1) * r)
             nearest = np.sort(exact[:, :width], axis=1)[:, :k]
             rec = float(hits(nearest, truth).sum() / (len(cand) * k))
             points.append(Point({**knob, "rerank": r}, rec))

@@ -29,7 +29,7 @@ STAGING_LAYOUT = 2
 class WeightsRecord:
     """Which weights made the vectors: a query must be embedded by the same ones (checked by hash)."""
 
-    kind: str  # pixels, none, imagenet or checkpoint
+    kind: str  # pixels, none, imagenet, checkpoint, or precomputed (`index --vectors`: no network)
     id: str  # torchvision weights name, checkpoint file name, or random-init(seed=0)
     sha256: str  # of the state dict ("" for pixels)
 
@@ -39,8 +39,10 @@ class WeightsRecord:
     def words(self, full: bool = False) -> str:
         """The weights for people, one wording everywhere: "raw pixels", "random weights",
         "ImageNet" or the checkpoint's file name; `full` adds torchvision's name or the whole path."""
-        if self.kind in ("pixels", "none"):
-            return {"pixels": "raw pixels", "none": "random weights"}[self.kind]
+        if self.kind in ("pixels", "none", "precomputed"):
+            return {"pixels": "raw pixels", "none": "random weights", "precomputed": "precomputed vectors"}[
+                self.kind
+            ]
         if self.kind == "imagenet":
             return f"ImageNet ({self.id})" if full and self.id else "ImageNet"
         return self.id if full else PurePath(self.id).name
