@@ -72,7 +72,7 @@ def _blocks(path: Path, column: str) -> Iterator[tuple[np.ndarray, list[str]]]:
     names = pf.schema_arrow.names
     if column not in names:
         raise RetrieveError(
-            f"{path} has no «{column}» column (it has: {', '.join(names)}); name the embedding column "
+            f"{path} has no {column!r} column (it has: {', '.join(names)}); name the embedding column "
             "with --embedding-column."
         )
     key = next((c for c in NAME_COLUMNS if c in names), None)
@@ -80,10 +80,10 @@ def _blocks(path: Path, column: str) -> Iterator[tuple[np.ndarray, list[str]]]:
     for batch in pf.iter_batches(columns=[column] + ([key] if key else []), batch_size=65536):
         col = batch.column(column)
         if not pa.types.is_list(col.type) and not pa.types.is_fixed_size_list(col.type):
-            raise RetrieveError(f"{path}: column «{column}» holds {col.type}, not lists of numbers.")
+            raise RetrieveError(f"{path}: column {column!r} holds {col.type}, not lists of numbers.")
         lengths = col.value_lengths().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)
         if len(col) and (col.null_count or lengths.min() != lengths.max()):
-            raise RetrieveError(f"{path}: rows of «{column}» are missing or of different lengths.")
+            raise RetrieveError(f"{path}: rows of {column!r} are missing or of different lengths.")
         dim = int(lengths[0]) if len(col) else 0
         values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         block = values.reshape(len(col), dim)

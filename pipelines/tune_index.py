@@ -57,9 +57,8 @@ def tune_index(
         queries = int(record.get("recall_queries", config.queries))
         truth = ground_truth(rows, manifest.metric, query_ids(len(rows), queries, config.seed))
         lossy = not index.factory.endswith(",Flat")
-        point, ok = operating_point(
-            index, sweep(index, rows, truth, lossy), truth, min_recall, max_latency_ms
-        )
+        points = sweep(index, rows, truth, lossy)
+        point, ok = operating_point(index, points, rows, truth, min_recall, max_latency_ms)
         if not ok:
             raise RetrieveError(
                 f"{index.factory} reaches recall@10 {point.recall:.3f} at best "
