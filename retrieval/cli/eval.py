@@ -145,7 +145,8 @@ def eval_cli(
     """Retrieval quality of one or more spaces from their labels: P@k, R@k, R-precision, MAP@R, mAP, kNN@k.
 
     Several indexes of the same images (e.g. pixels, resnet18, a trained checkpoint) give one table
-    with the best value per column marked. Neighbours come from exact search.
+    with the best value per column marked. Neighbours come from exact search over the stored
+    vectors, whatever the index's own search kind: eval measures the space, not the index.
 
     Examples:
 

@@ -11,6 +11,7 @@ import numpy as np
 from retrieval.errors import RetrieveError, first_line
 from retrieval.index.base import (
     ArrayRows,
+    FaissSized,
     RowSource,
     check_metric,
     exact_distances,
@@ -34,7 +35,7 @@ def checked(x: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.
     return x
 
 
-class FactoryIndex:
+class FactoryIndex(FaissSized):
     """IVF / PQ / HNSW search built from a FAISS factory string, with stable int64 ids.
 
     Follows the scikit-learn contract (`fit` returns self, learned state ends in `_`). Ids are given
@@ -130,14 +131,6 @@ class FactoryIndex:
         return self
 
     # -- reading ------------------------------------------------------------------------------
-    @property
-    def ntotal(self) -> int:
-        return int(self.index_.ntotal)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index_.d)
-
     def set_params(self, **params: Any) -> FactoryIndex:
         unknown = set(params) - set(PARAMS)
         if unknown:
@@ -209,6 +202,7 @@ class FactoryIndex:
     def save(self, path: str | os.PathLike) -> None:
         import faiss
 
+        self._apply_params()  # the file opened with FAISS alone searches at the chosen point too
         faiss.write_index(self.index_, str(path))
 
     @classmethod

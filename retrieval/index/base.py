@@ -38,6 +38,20 @@ def exact_distances(rows: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
     return 1.0 - np.einsum("qkd,qkd->qk", rows, np.broadcast_to(q, rows.shape))
 
 
+class FaissSized:
+    """`ntotal` and `dim` of the FAISS index a kind holds in `index_` (shared by the kinds)."""
+
+    index_: Any
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index_.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index_.d)
+
+
 class RowSource(Protocol):
     """Stored vectors by id (row i is id i): an array, or the generation's memory-mapped shards."""
 

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import RetrieveError, first_line
-from retrieval.index.base import check_metric, exact_distances, normalize_rows, register_kind
+from retrieval.index.base import FaissSized, check_metric, exact_distances, normalize_rows, register_kind
 
 
-class ExactIndex:
+class ExactIndex(FaissSized):
     """Exact search: `IndexFlatL2` for L2, inner product on unit vectors for cosine.
 
     Follows the scikit-learn contract: `fit` returns self, learned state ends in `_`.
@@ -58,14 +58,6 @@ class ExactIndex:
         """What the manifest records as `search_index`: enough for `load_index` to open the file."""
         return {"type": "exact", "faiss": type(self.index_).__name__, **getattr(self, "tuning_", {})}
 
-    @property
-    def ntotal(self) -> int:
-        return int(self.index_.ntotal)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index_.d)
-
     def search(self, xq: np.ndarray, k: int, refine: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest rows of each query; `refine` recomputes the k distances exactly (see below)."""
         if k < 1:
@@ -104,11 +96,7 @@ class ExactIndex:
                 valid = block >= 0
                 rows = self.index_.reconstruct_batch(np.where(valid, block, 0).ravel())
                 rows = rows.reshape(*block.shape, -1)
-                if self.metric == "l2":
-                    diff = rows - q  # direct differences: no cancellation, unlike the expanded form
-                    d = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
-                else:  # both sides are unit vectors already
-                    d = 1.0 - np.einsum("qkd,qkd->qk", rows, np.broadcast_to(q, rows.shape))
+                d = exact_distances(rows, q, self.metric)  # under cosine both sides are unit already
                 dist[q0 : q0 + qc, k0 : k0 + kc] = np.where(valid, d, np.inf)
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)

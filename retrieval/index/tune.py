@@ -16,7 +16,9 @@ from retrieval.index.exact import brute_force
 K = 10  # recall@10 is what the manifest records and `info` shows
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
-RERANKS = (1, 2, 4, 8, 16)
+RERANKS = (1, 2, 4, 8, 16, 32, 64)
+# More probes stop paying once the deepest re-rank gains less than this twice running.
+SATURATED = 0.001
 # Relative slack for "as near as the k-th true neighbour": ties (duplicates) count as found.
 TIE = 1e-5
 
@@ -103,13 +105,17 @@ def sweep(index: FactoryIndex, rows: RowSource, truth: Truth, lossy: bool = True
 
     Measured the way `Index.search_ids` answers: k + 1 results (the query's own row among them)
     re-ranked from (k + 1) x rerank candidates, own row left out. FAISS returns candidates sorted
-    by code distance, so each depth's candidates are a prefix of the deepest search's: one search
-    serves every depth.
+    by code distance, so each depth's candidates are (near enough, to rank the settings) a prefix
+    of the deepest search's: one search serves every depth. `measure` then records the chosen
+    setting through `search` itself. Probes stop widening once recall saturates.
     """
     reranks = RERANKS if lossy else (1,)
     depth = min(index.ntotal, (k + 1) * max(reranks))
-    points = []
+    points: list[Point] = []
+    best, flat = 0.0, 0
     for knob in knobs(index):
+        if flat >= 2 or best >= 1.0:
+            break  # saturated: wider probes cost time and find nothing new
         index.set_params(**knob)
         _, cand = index.search(truth.x, depth, refine=False)
         exact = _candidate_distances(cand, rows, truth, index.metric)
@@ -119,6 +125,8 @@ def sweep(index: FactoryIndex, rows: RowSource, truth: Truth, lossy: bool = True
             nearest = np.sort(exact[:, :width], axis=1)[:, :k]
             rec = float(hits(nearest, truth).sum() / (len(cand) * k))
             points.append(Point({**knob, "rerank": r}, rec))
+        flat = flat + 1 if points[-1].recall < best + SATURATED else 0
+        best = max(best, points[-1].recall)
     return points
 
 
@@ -169,7 +177,8 @@ def operating_point(
     min_recall: float,
     max_latency_ms: float,
 ) -> tuple[Point, bool]:
-    """The fastest point measured to reach `min_recall` within the latency limit, and whether one did.
+    """The fastest point measured to reach `min_recall` within the latency limit, and whether one did
+    (among points about as fast, the one with the most recall).
 
     For each probe/beam setting, the shallowest re-rank the sweep says reaches the goal is measured
     through `search` (and the next ones, when that falls just short); deeper ones cost more and
@@ -191,7 +200,9 @@ def operating_point(
             break  # settings come in rising cost: the rest are slower still
     fast = [p for p in timed if p.p50_ms <= max_latency_ms]
     if fast:
-        best = min(fast, key=lambda p: p.p50_ms)
+        # Timings within 10% (or 50 us) of the fastest are the same to a user: take the most recall.
+        quickest = min(p.p50_ms for p in fast)
+        best = max((p for p in fast if p.p50_ms <= 1.1 * quickest + 0.05), key=lambda p: p.recall)
         index.set_params(**best.params)
         return best, True
     top = max(points, key=lambda p: (p.recall, -sum(p.params.values())))
