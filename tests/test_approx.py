@@ -128,9 +128,14 @@ def test_budgets_that_cannot_be_met_fail_with_what_they_allow() -> None:
         build_search_index(
             ArrayRows(x), "l2", SearchConfig(search="approximate", max_memory=smallest.bytes - 1)
         )
+    with pytest.raises(RetrieveError, match=r"best measured there is .* raise .?max_latency_ms.? to"):
+        config = SearchConfig(search="approximate", max_memory=smallest.bytes, max_latency_ms=1e-4)
+        build_search_index(ArrayRows(x), "l2", config)
+    # Structureless data that 2 x 4-bit codes cannot order: the recall itself is out of reach.
+    noise = np.random.default_rng(0).standard_normal((6000, 32)).astype(np.float32)
     with pytest.raises(RetrieveError, match=r"best measured there is .* Lower .?min_recall.? to 0\.\d\d"):
         config = SearchConfig(search="approximate", max_memory=smallest.bytes, min_recall=0.9999)
-        build_search_index(ArrayRows(x), "l2", config)
+        build_search_index(ArrayRows(noise), "l2", config)
 
 
 def test_memory_model_matches_faiss_files(tmp_path: Path) -> None:

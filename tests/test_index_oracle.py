@@ -130,13 +130,16 @@ def test_index_kinds_register_once_and_the_manifest_record_picks_one(tmp_path) -
     from retrieval.index.base import load_index, register_kind
 
     with pytest.raises(RetrieveError, match="registered twice"):
-        register_kind("exact", lambda path, metric, record: ExactIndex(metric=metric))
+        register_kind("exact", lambda path, metric, record, rows: ExactIndex(metric=metric))
     opened = []
-    register_kind("test-kind", lambda path, metric, record: opened.append((path, metric, record)) or "made")
+    # A loader also gets the stored vectors (None here), which approximate kinds re-rank from.
+    register_kind(
+        "test-kind", lambda path, metric, record, rows: opened.append((path, metric, record, rows)) or "made"
+    )
     try:
         record = {"type": "test-kind", "n": 3}
         assert load_index(tmp_path / "x", "cosine", record, "idx") == "made"
-        assert opened == [(tmp_path / "x", "cosine", record)]
+        assert opened == [(tmp_path / "x", "cosine", record, None)]
         with pytest.raises(RetrieveError, match="'nope' search index"):
             load_index(tmp_path / "x", "l2", {"type": "nope"}, "idx")
     finally:

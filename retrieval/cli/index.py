@@ -79,6 +79,10 @@ def index_cli(
     min_recall: Annotated[
         float, typer.Option(help="recall@10 against exact search the chosen index must measure.")
     ] = 0.95,
+    max_latency: Annotated[
+        float,
+        typer.Option("--max-latency-ms", help="p50 milliseconds of one query the choice must keep under."),
+    ] = 10.0,
     vectors: Annotated[
         Path | None,
         typer.Option(
@@ -112,7 +116,9 @@ def index_cli(
     from retrieval.errors import RetrieveError
     from retrieval.index.factory import parse_size
 
-    search_config = SearchConfig(search=search, max_memory=parse_size(max_memory), min_recall=min_recall)
+    search_config = SearchConfig(
+        search=search, max_memory=parse_size(max_memory), min_recall=min_recall, max_latency_ms=max_latency
+    )
     if vectors is not None:
         from retrieval.cli.search import index_vectors
 
