@@ -169,9 +169,16 @@ class FactoryIndex(FaissSized):
         return dist, ids
 
     def _rerank(self, xq: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        valid = ids >= 0
-        rows = self.reconstruct(np.where(valid, ids, 0).ravel()).reshape(*ids.shape, -1)
-        dist = np.where(valid, exact_distances(rows, xq[:, None, :], self.metric), np.inf)
+        """Exact distances of the candidates, re-sorted; in blocks of queries, so that a batch of
+        1,000 queries re-ranking 704 candidates of 512 dims holds ~32 MB of rows, not 1.4 GB."""
+        dist = np.full(ids.shape, np.inf, np.float32)
+        step = max(1, (1 << 23) // max(1, ids.shape[1] * xq.shape[1]))
+        for q0 in range(0, len(ids), step):
+            block = ids[q0 : q0 + step]
+            valid = block >= 0
+            rows = self.reconstruct(np.where(valid, block, 0).ravel()).reshape(*block.shape, -1)
+            d = exact_distances(rows, xq[q0 : q0 + step, None, :], self.metric)
+            dist[q0 : q0 + step] = np.where(valid, d, np.inf)
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
 

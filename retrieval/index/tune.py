@@ -101,46 +101,30 @@ def knobs(index: FactoryIndex) -> list[dict[str, int]]:
 
 
 def sweep(index: FactoryIndex, rows: RowSource, truth: Truth, lossy: bool = True, k: int = K) -> list[Point]:
-    """recall@k at every (probe or beam, re-rank depth) setting, from one deep search per setting.
+    """recall@k at every (probe or beam, re-rank depth) setting, each measured through `search`.
 
-    Measured the way `Index.search_ids` answers: k + 1 results (the query's own row among them)
-    re-ranked from (k + 1) x rerank candidates, own row left out. FAISS returns candidates sorted
-    by code distance, so each depth's candidates are (near enough, to rank the settings) a prefix
-    of the deepest search's: one search serves every depth. `measure` then records the chosen
-    setting through `search` itself. Probes stop widening once recall saturates.
+    Measured the way `Index.search_ids` answers: k + 1 results re-ranked from (k + 1) x rerank
+    candidates, the query's own row left out, with the exact distances the re-rank returns. (One
+    deep search cut at each depth would be cheaper, but FAISS's fast-scan kernels do not return the
+    same prefix at every depth: on coarse codes that estimate was off by 0.02.) Probes stop
+    widening once recall saturates.
     """
     reranks = RERANKS if lossy else (1,)
-    depth = min(index.ntotal, (k + 1) * max(reranks))
     points: list[Point] = []
     best, flat = 0.0, 0
     for knob in knobs(index):
         if flat >= 2 or best >= 1.0:
             break  # saturated: wider probes cost time and find nothing new
-        index.set_params(**knob)
-        _, cand = index.search(truth.x, depth, refine=False)
-        exact = _candidate_distances(cand, rows, truth, index.metric)
-        exact[cand == truth.ids[:, None]] = np.inf  # the own row is never an answer
         for r in reranks:
-            width = min(depth, (k + 1) * r)
-            nearest = np.sort(exact[:, :width], axis=1)[:, :k]
-            rec = float(hits(nearest, truth).sum() / (len(cand) * k))
-            points.append(Point({**knob, "rerank": r}, rec))
+            index.set_params(**knob, rerank=r)
+            dist, ids = index.search(truth.x, k + 1)
+            _, near = drop_self(ids, dist, truth.ids, k)
+            points.append(Point({**knob, "rerank": r}, float(hits(near, truth).sum() / (len(ids) * k))))
+            if points[-1].recall >= 1.0:
+                break
         flat = flat + 1 if points[-1].recall < best + SATURATED else 0
         best = max(best, points[-1].recall)
     return points
-
-
-def _candidate_distances(cand: np.ndarray, rows: RowSource, truth: Truth, metric: str) -> np.ndarray:
-    """Exact distances of every candidate, in blocks of queries (memory stays ~32 MB)."""
-    out = np.full(cand.shape, np.inf)
-    step = max(1, (1 << 23) // max(1, cand.shape[1] * truth.x.shape[1]))
-    for q0 in range(0, len(cand), step):
-        block = cand[q0 : q0 + step]
-        valid = block >= 0
-        vec = _prepared(rows.take(np.where(valid, block, 0).ravel()), metric).reshape(*block.shape, -1)
-        d = exact_distances(vec, truth.x[q0 : q0 + step, None, :], metric)
-        out[q0 : q0 + step] = np.where(valid, d, np.inf)
-    return out
 
 
 def latency(index: Any, x: np.ndarray, k: int = K, count: int = 200) -> tuple[float, float]:
@@ -159,8 +143,7 @@ def latency(index: Any, x: np.ndarray, k: int = K, count: int = 200) -> tuple[fl
 def measure(index: FactoryIndex, rows: RowSource, truth: Truth, params: dict[str, int], k: int = K) -> Point:
     """recall@k and latency of `params` through `search` itself, as `Index.search_ids` asks it.
 
-    What the manifest records: the sweep's shared deep search only ranks the settings (FAISS's
-    fast-scan kernels do not return the same prefix at every depth).
+    What the manifest records, with the recall recomputed from the stored rows.
     """
     index.set_params(**params)
     dist, ids = index.search(truth.x, k + 1)
