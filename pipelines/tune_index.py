@@ -58,7 +58,7 @@ def tune_index(
         truth = ground_truth(rows, manifest.metric, query_ids(len(rows), queries, config.seed))
         lossy = not index.factory.endswith(",Flat")
         points = sweep(index, rows, truth, lossy)
-        point, ok = operating_point(index, points, rows, truth, min_recall, max_latency_ms)
+        point, ok = operating_point(index, points, truth, min_recall, max_latency_ms)
         if not ok:
             raise RetrieveError(
                 f"{index.factory} reaches recall@10 {point.recall:.3f} at best "

@@ -8,8 +8,6 @@ from typing import Any
 
 from retrieval.errors import RetrieveError
 
-SEARCH_MODES = ("auto", "approximate", "exact")
-
 
 @dataclass(frozen=True)
 class SearchConfig:

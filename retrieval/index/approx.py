@@ -104,26 +104,14 @@ class FactoryIndex(FaissSized):
             raise RetrieveError("no vectors to index")
         return self
 
-    def add(self, x: np.ndarray, ids: np.ndarray | None = None, assign: np.ndarray | None = None) -> None:
-        """Append rows with `ids` (default: continuing from the last id); `assign`: their IVF lists."""
+    def add(self, x: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Append rows with `ids` (default: continuing from the last id)."""
         block = self._prepare(x)
         if ids is None:
             ids = np.arange(self.next_id_, self.next_id_ + len(block), dtype=np.int64)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if assign is not None:
-            from faiss.contrib.ivf_tools import add_preassigned
-
-            add_preassigned(_ivf(self.index_), self._transformed(block), assign, ids=ids)
-        else:
-            self.index_.add_with_ids(block, ids)
+        self.index_.add_with_ids(block, ids)
         self.next_id_ = max(self.next_id_, int(ids.max(initial=-1)) + 1)
-
-    def _transformed(self, x: np.ndarray) -> np.ndarray:
-        import faiss
-
-        if isinstance(self.index_, faiss.IndexPreTransform):
-            return self.index_.apply_chain(len(x), x)
-        return x
 
     def attach(self, rows: RowSource) -> FactoryIndex:
         """Where re-ranking and `reconstruct` read the stored vectors (row i holds id i)."""
@@ -189,12 +177,6 @@ class FactoryIndex(FaissSized):
             raise RetrieveError("this approximate index has no stored vectors attached to read rows from")
         x = rows.take(np.asarray(ids, dtype=np.int64))
         return normalize_rows(x) if self.metric == "cosine" else np.asarray(x, np.float32)
-
-    def bytes_in_ram(self) -> int:
-        """What the FAISS structure takes when read whole: its serialised size."""
-        import faiss
-
-        return int(faiss.serialize_index(self.index_).nbytes)
 
     def record(self) -> dict[str, Any]:
         """What the manifest records as `search_index` (tuning adds recall and latency)."""

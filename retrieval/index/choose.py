@@ -69,7 +69,7 @@ def build_search_index(
     for cand in fits:
         index = _fit(cand, rows, metric, sample, centroids, config.seed, progress)
         points = sweep(index, rows, truth, lossy=cand.lossy)
-        best, ok = operating_point(index, points, rows, truth, config.min_recall, config.max_latency_ms)
+        best, ok = operating_point(index, points, truth, config.min_recall, config.max_latency_ms)
         progress.note(
             f"{cand.factory}: recall@10 {best.recall:.3f} at {_params(best)}, p50 {best.p50_ms:.2f} ms, "
             f"~{format_size(cand.bytes)}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,6 @@ class Point:
     recall: float
     p50_ms: float = math.nan
     p95_ms: float = math.nan
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self, queries: int) -> dict[str, Any]:
         return {
@@ -140,48 +139,33 @@ def latency(index: Any, x: np.ndarray, k: int = K, count: int = 200) -> tuple[fl
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
-def measure(index: FactoryIndex, rows: RowSource, truth: Truth, params: dict[str, int], k: int = K) -> Point:
-    """recall@k and latency of `params` through `search` itself, as `Index.search_ids` asks it.
-
-    What the manifest records, with the recall recomputed from the stored rows.
-    """
-    index.set_params(**params)
-    dist, ids = index.search(truth.x, k + 1)
-    found, _ = drop_self(ids, dist, truth.ids, k)
+def timed(index: FactoryIndex, truth: Truth, point: Point, k: int = K) -> Point:
+    """`point` with its p50/p95 latency of single queries, its settings left applied."""
+    index.set_params(**point.params)
     p50, p95 = latency(index, truth.x, k)
-    return Point(dict(params), recall_of(found, rows, truth, index.metric, k), p50, p95)
+    return Point(dict(point.params), point.recall, p50, p95)
 
 
 def operating_point(
-    index: FactoryIndex,
-    points: list[Point],
-    rows: RowSource,
-    truth: Truth,
-    min_recall: float,
-    max_latency_ms: float,
+    index: FactoryIndex, points: list[Point], truth: Truth, min_recall: float, max_latency_ms: float
 ) -> tuple[Point, bool]:
-    """The fastest point measured to reach `min_recall` within the latency limit, and whether one did
+    """The fastest point that reached `min_recall` within the latency limit, and whether one did
     (among points about as fast, the one with the most recall).
 
-    For each probe/beam setting, the shallowest re-rank the sweep says reaches the goal is measured
-    through `search` (and the next ones, when that falls just short); deeper ones cost more and
-    find nothing the goal needs. Without any, the highest-recall point, measured the same way.
+    For each probe/beam setting only the shallowest re-rank reaching the goal is timed: deeper
+    ones cost more and find nothing the goal needs. Without any, the highest-recall point, timed.
     """
-    by_knob: dict[tuple, list[Point]] = {}
+    shallowest: dict[tuple, Point] = {}  # the sweep's order: probes rising, re-ranks rising in each
     for p in points:
         key = tuple(sorted((n, v) for n, v in p.params.items() if n != "rerank"))
-        if p.recall >= min_recall - 0.01:
-            by_knob.setdefault(key, []).append(p)
-    timed = []
-    for options in by_knob.values():
-        for p in sorted(options, key=lambda p: p.params.get("rerank", 1))[:3]:
-            m = measure(index, rows, truth, p.params)
-            if m.recall >= min_recall:
-                timed.append(m)
-                break
-        if timed and timed[-1].p50_ms > 4 * max_latency_ms:
+        if p.recall >= min_recall and key not in shallowest:
+            shallowest[key] = p
+    fast = []
+    for p in shallowest.values():
+        fast.append(timed(index, truth, p))
+        if fast[-1].p50_ms > 4 * max_latency_ms:
             break  # settings come in rising cost: the rest are slower still
-    fast = [p for p in timed if p.p50_ms <= max_latency_ms]
+    fast = [p for p in fast if p.p50_ms <= max_latency_ms]
     if fast:
         # Timings within 10% (or 50 us) of the fastest are the same to a user: take the most recall.
         quickest = min(p.p50_ms for p in fast)
@@ -189,4 +173,4 @@ def operating_point(
         index.set_params(**best.params)
         return best, True
     top = max(points, key=lambda p: (p.recall, -sum(p.params.values())))
-    return measure(index, rows, truth, top.params), False
+    return timed(index, truth, top), False
