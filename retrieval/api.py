@@ -136,13 +136,9 @@ class Index:
         """The index's answer, or with `exact` (and an approximate index) brute force over the shards."""
         if not exact or self.manifest.search_index.get("type", "exact") == "exact":
             return self.vector_index.search(x, k)
-        from retrieval.index import brute_force, normalize_rows
+        from retrieval.index import brute_force, checked, normalize_rows
 
-        x = np.ascontiguousarray(x, np.float32)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise RetrieveError(f"query vectors have shape {x.shape}, the index holds {self.dim}-d rows")
-        if not np.isfinite(x).all():
-            raise RetrieveError("the vectors contain NaN or infinity")
+        x = checked(x, self.dim, "query vectors")
         xq = normalize_rows(x) if self.metric == "cosine" else x
         dist, ids = brute_force(self.rows.blocks(), xq, k, self.metric)
         return dist.astype(np.float32), ids

@@ -1,4 +1,4 @@
-"""Text helpers shared by every layer: the natural order of labels and names (c2 before c10)."""
+"""Text helpers shared by every layer: the natural order of labels and names (c2 before c10), sizes."""
 
 from __future__ import annotations
 
@@ -18,3 +18,12 @@ def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
 def natural_sorted(items: Iterable[str]) -> list[str]:
     """`items` in natural order (see natural_key); strings equal under it ("a1", "A01") keep a fixed order."""
     return sorted(items, key=lambda s: (natural_key(s), s))
+
+
+def format_size(n: float) -> str:
+    """Bytes for people, in powers of 1000: "850 B", "2.1 GB"."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

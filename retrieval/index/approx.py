@@ -14,6 +14,7 @@ from retrieval.index.base import (
     FaissSized,
     RowSource,
     check_metric,
+    checked,
     exact_distances,
     normalize_rows,
     register_kind,
@@ -21,18 +22,6 @@ from retrieval.index.base import (
 
 # The operating point: IVF probes, HNSW beam width, and how many candidates a query re-ranks (x k).
 PARAMS = ("nprobe", "efSearch", "rerank")
-
-
-def checked(x: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.ndarray:
-    """float32, 2-D, finite, of `dim` columns: FAISS aborts or silently drops rows otherwise."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise RetrieveError(f"expected a 2-D array of {what}, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise RetrieveError(f"the {what} contain NaN or infinity")
-    if dim is not None and x.shape[1] != dim:
-        raise RetrieveError(f"{what} have {x.shape[1]} dims, the index has {dim}")
-    return x
 
 
 class FactoryIndex(FaissSized):

@@ -30,6 +30,18 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
+def checked(x: np.ndarray, dim: int | None = None, what: str = "vectors") -> np.ndarray:
+    """float32, 2-D, finite, of `dim` columns: FAISS aborts or silently drops rows otherwise."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise RetrieveError(f"expected a 2-D array of {what}, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise RetrieveError(f"the {what} contain NaN or infinity")
+    if dim is not None and x.shape[1] != dim:
+        raise RetrieveError(f"{what} have {x.shape[1]} dims, the index has {dim}")
+    return x
+
+
 def exact_distances(rows: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
     """Distances of `rows` [n, k, d] to their queries `q` [n, 1, d], as ExactIndex reports them."""
     if metric == "l2":

@@ -16,10 +16,10 @@ from retrieval.index.factory import (
     candidates,
     default_max_memory,
     estimate_bytes,
-    format_size,
 )
 from retrieval.index.tune import Point, Truth, ground_truth, latency, operating_point, query_ids, sweep
 from retrieval.progress import Progress
+from retrieval.text import format_size
 
 # FAISS's advice is 30-256 training points per list; fewer than 30k train poorly whatever the lists.
 TRAIN_MIN, TRAIN_MAX, TRAIN_PER_LIST = 30_000, 256_000, 64

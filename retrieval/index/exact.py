@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from retrieval.errors import RetrieveError, first_line
-from retrieval.index.base import FaissSized, check_metric, exact_distances, normalize_rows, register_kind
+from retrieval.index.base import (
+    FaissSized,
+    check_metric,
+    checked,
+    exact_distances,
+    normalize_rows,
+    register_kind,
+)
 
 
 class ExactIndex(FaissSized):
@@ -25,11 +32,7 @@ class ExactIndex(FaissSized):
         self.metric = metric
 
     def _prepare(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 2:
-            raise RetrieveError(f"expected a 2-D array of vectors, got shape {x.shape}")
-        if not np.isfinite(x).all():  # FAISS would return no neighbours at all, silently
-            raise RetrieveError("the vectors contain NaN or infinity")
+        x = checked(x)  # NaN: FAISS would return no neighbours at all, silently
         return normalize_rows(x) if self.metric == "cosine" else x
 
     def fit(self, blocks: np.ndarray | Iterable[np.ndarray]) -> ExactIndex:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,12 +71,13 @@ def _select(shard_paths: list[Path], order: Sequence[str]) -> _Selection:
     )
 
 
-def _vector_blocks(
-    selection: _Selection, shard_paths: list[Path], dim: int, shard_rows: int, out_dir: Path, names: list[str]
-) -> Iterator[np.ndarray]:
-    """The kept vectors in id order, one block per output shard, each written to `out_dir` on the way."""
+def _write_vectors(
+    selection: _Selection, shard_paths: list[Path], dim: int, shard_rows: int, out_dir: Path
+) -> list[str]:
+    """Write the kept vectors in id order to `out_dir` as shards of `shard_rows`; their file names."""
     # Gather rows shard by shard from memory-mapped staging files: memory stays one block.
     arrays = [np.load(s.with_suffix(".npy"), mmap_mode="r") for s in shard_paths]
+    names: list[str] = []
     for start in range(0, len(selection.rows), shard_rows):
         src_shard = selection.shard[start : start + shard_rows]
         src_row = selection.row[start : start + shard_rows]
@@ -84,10 +85,9 @@ def _vector_blocks(
         for si in np.unique(src_shard):
             mask = src_shard == si
             out[mask] = arrays[si][src_row[mask]]
-        fname = f"vectors-{len(names):05d}.npy"
-        write_npy(out_dir / fname, out)
-        names.append(fname)
-        yield out
+        names.append(f"vectors-{len(names):05d}.npy")
+        write_npy(out_dir / names[-1], out)
+    return names
 
 
 def commit(
@@ -126,9 +126,7 @@ def commit(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    vector_files: list[str] = []
-    for _ in _vector_blocks(selection, shard_paths, manifest.dim, shard_rows, tmp, vector_files):
-        pass
+    vector_files = _write_vectors(selection, shard_paths, manifest.dim, shard_rows, tmp)
     rows = ShardedVectors([tmp / f for f in vector_files], manifest.dim)
     index = build_search_index(rows, manifest.metric, search or SearchConfig(search="exact"), progress)
     index.save(tmp / "index.faiss")

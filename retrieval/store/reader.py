@@ -41,20 +41,25 @@ def generation_dir(index_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return Path(index_dir) / manifest.generation
 
 
-def load_vectors(index_dir: str | os.PathLike, manifest: Manifest, mmap: bool = True) -> np.ndarray:
-    """All vectors in id order (one array; memory-mapped shards are concatenated)."""
-    gen = generation_dir(index_dir, manifest)
+def _open_shards(files: list[Path], dim: int, where: str, mmap: bool = True) -> list[np.ndarray]:
+    """The vector shard files as arrays (memory-mapped), checked to be float32 rows of `dim`."""
     try:
-        parts = [np.load(gen / f, mmap_mode="r" if mmap else None) for f in manifest.vector_files]
+        parts = [np.load(f, mmap_mode="r" if mmap else None) for f in files]
     except (OSError, ValueError, EOFError) as exc:
         # numpy's ValueError suggests unpickling the file: the wrong advice for a damaged index.
         why = "not a NumPy array file" if isinstance(exc, ValueError) else str(exc) or type(exc).__name__
-        raise IndexFormatError(f"{index_dir} is damaged: a vector file cannot be read ({why}).") from None
-    dim = manifest.dim
+        raise IndexFormatError(f"{where} is damaged: a vector file cannot be read ({why}).") from None
     if any(p.ndim != 2 or p.shape[1] != dim or p.dtype != np.float32 for p in parts):
-        raise IndexFormatError(f"{index_dir} is damaged: a vector file is not float32 rows of {dim}.")
+        raise IndexFormatError(f"{where} is damaged: a vector file is not float32 rows of {dim}.")
+    return parts
+
+
+def load_vectors(index_dir: str | os.PathLike, manifest: Manifest, mmap: bool = True) -> np.ndarray:
+    """All vectors in id order (one array; memory-mapped shards are concatenated)."""
+    gen = generation_dir(index_dir, manifest)
+    parts = _open_shards([gen / f for f in manifest.vector_files], manifest.dim, str(index_dir), mmap)
     if not parts:
-        return np.zeros((0, dim), np.float32)
+        return np.zeros((0, manifest.dim), np.float32)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -62,15 +67,11 @@ class ShardedVectors:
     """The generation's vector shards as one RowSource: memory-mapped, read only where asked.
 
     Re-ranking an approximate search reads a few hundred rows per query from here; nothing loads
-    the whole matrix (a 1M x 512 index is 2 GB of shards).
+    the whole matrix (a 1M x 512 index is 2 GB of shards). `where` names the index in errors.
     """
 
-    def __init__(self, files: list[Path], dim: int) -> None:
-        self.parts = [np.load(f, mmap_mode="r") for f in files]
-        if any(p.ndim != 2 or p.shape[1] != dim or p.dtype != np.float32 for p in self.parts):
-            raise IndexFormatError(
-                f"{files[0].parent} is damaged: a vector file is not float32 rows of {dim}."
-            )
+    def __init__(self, files: list[Path], dim: int, where: str | None = None) -> None:
+        self.parts = _open_shards(files, dim, where or (str(Path(files[0]).parent) if files else "?"))
         self.dim = dim
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
@@ -96,7 +97,4 @@ class ShardedVectors:
 def shard_rows(index_dir: str | os.PathLike, manifest: Manifest) -> ShardedVectors:
     """The live generation's vectors as a RowSource (see ShardedVectors)."""
     gen = generation_dir(index_dir, manifest)
-    try:
-        return ShardedVectors([gen / f for f in manifest.vector_files], manifest.dim)
-    except (OSError, ValueError, EOFError):
-        raise IndexFormatError(f"{index_dir} is damaged: a vector file cannot be read.") from None
+    return ShardedVectors([gen / f for f in manifest.vector_files], manifest.dim, str(index_dir))

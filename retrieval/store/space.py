@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from retrieval.errors import NoSpaceError
+from retrieval.text import format_size
 
 __all__ = ["NoSpaceError", "build_bytes", "check_room", "free_bytes", "is_no_space", "no_space"]
 
@@ -39,14 +40,6 @@ def is_no_space(exc: BaseException) -> bool:
     return "requested and" in text and "written" in text
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
 def no_space(index_dir: Path, needed: int, free: int, previous: str | None, before: bool) -> NoSpaceError:
     """The error for a full disk: what happened, how much, that the old index is intact, what to do."""
     what = "does not have room for this build" if before else "ran out of space during this build"
@@ -56,8 +49,8 @@ def no_space(index_dir: Path, needed: int, free: int, previous: str | None, befo
         else "Nothing was committed; there is no earlier index to lose."
     )
     return NoSpaceError(
-        f"The device holding {index_dir} {what}: it needs about {_size(needed)} and "
-        f"{_size(free)} is free. {kept} Free some space and re-run (finished work is resumed), "
+        f"The device holding {index_dir} {what}: it needs about {format_size(needed)} and "
+        f"{format_size(free)} is free. {kept} Free some space and re-run (finished work is resumed), "
         "or give «index» a folder on a disk with more room."
     )
 
