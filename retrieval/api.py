@@ -124,7 +124,8 @@ class Index:
         if not (self.dir / "index.faiss").exists():
             raise IndexFormatError(f"{self.path} lacks its FAISS index file.")
         record = self.manifest.search_index
-        rows = self.rows  # approximate kinds re-rank from the memory-mapped shards
+        # Approximate kinds re-rank from the memory-mapped shards; exact search holds its vectors.
+        rows = None if record.get("type", "exact") == "exact" else self.rows
         return load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path), rows=rows)
 
     @cached_property
