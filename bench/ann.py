@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.config import SearchConfig
 from retrieval.index import FactoryIndex, build_search_index
-from retrieval.index.factory import estimate_bytes, format_size, nlist_for
+from retrieval.index.factory import estimate_bytes, nlist_for
 from retrieval.index.tune import ground_truth, latency, query_ids, recall_of, sweep
 from retrieval.progress import Progress
 from retrieval.store import ShardedVectors
+from retrieval.text import format_size
 
 SHARD = 100_000
 

@@ -223,3 +223,23 @@ def test_modules_and_functions_stay_small(package: str) -> None:
             if n > MAX_FUNCTION_LINES:
                 big.append(f"{rel}:{line} {name}(): a {n}-line body (at most {MAX_FUNCTION_LINES})")
     assert not big, "rooms that grew too large:\n" + "\n".join(big)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py")))
+def test_benchmarks_import_names_that_exist(script: str) -> None:
+    """A refactor that moves a function must not leave a benchmark importing it from its old home:
+    every `from retrieval... import name` in a bench script, top level or inside a function, resolves."""
+    import importlib
+
+    tree = ast.parse((ROOT / "bench" / script).read_text())
+    missing = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{node.module}.{alias.name} (line {node.lineno})")
+    assert not missing, f"bench/{script} imports names that do not exist: {missing}"
