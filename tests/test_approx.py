@@ -344,3 +344,45 @@ def test_every_reader_works_on_every_index_kind(tmp_path: Path, samples: Path, k
         assert r.exit_code == 0, (args, r.output)
     r = runner.invoke(app, ["query", str(image), "-k", "1", "--json", "--index", str(index_dir)])
     assert json.loads(r.stdout)["results"][0]["neighbours"][0]["path"] == "test/star/0001.png"
+
+
+def test_eval_measures_an_approximate_index_as_queries_get_it_and_exact_measures_the_space(
+    tmp_path: Path, samples: Path
+) -> None:
+    from pipelines.index_folder import build_index
+    from retrieval.config import IndexConfig
+    from retrieval.evaluate import evaluate_indexes
+
+    search = SearchConfig(search="IVF16,Flat", min_recall=0.1)
+    build_index(
+        IndexConfig(images=samples, index=tmp_path / "idx", backbone="pixels", workers=0, search=search)
+    )
+    # At 72 images every setting is as fast, so the sweep took the most recall; a user's cheaper
+    # operating point (one list of 16 probed, no re-ranking) makes answers that differ from exact.
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    manifest["search_index"]["params"] = {"nprobe": 1, "rerank": 1}
+    (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+    idx = open_index(tmp_path / "idx")
+    labels = np.array(idx.labels)
+    everyone = list(range(len(idx)))
+
+    def p_at_10(rows: list) -> float:  # hits sharing the query's label, of 10 (a missing hit: a miss)
+        return float(
+            np.mean([np.sum(labels[[h.id for h in r]] == labels[i]) / 10 for i, r in enumerate(rows)])
+        )
+
+    as_queried = p_at_10(idx.search_ids(everyone, k=10))
+    x = idx.vectors().astype(np.float64)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    brute = float(np.mean(labels[np.argsort(d, axis=1, kind="stable")[:, :10]] == labels[:, None]))
+    assert as_queried != brute  # the test can tell the two apart
+    approx, exact = (evaluate_indexes([idx], ks=(10,), exact=e)[0] for e in (False, True))
+    assert approx.metrics["P@10"] == pytest.approx(as_queried, abs=1e-9)
+    assert exact.metrics["P@10"] == pytest.approx(brute, abs=1e-9)
+    assert any("IVF16,Flat" in n for n in approx.notes) and approx.extra["search"] == "IVF16,Flat"
+    assert exact.extra["search"] == "exact" and not any("approximate" in n for n in exact.notes)
+    for flags, want in (([], as_queried), (["--exact"], brute)):
+        r = runner.invoke(app, ["eval", str(tmp_path / "idx"), "-k", "10", "--json", *flags])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["spaces"][0]["metrics"]["P@10"] == pytest.approx(want, abs=1e-9)

@@ -1,15 +1,18 @@
-"""Exact neighbour search for evaluation, in blocks of queries: the k nearest, or the whole ranking for mAP."""
+"""Neighbour search for evaluation, in blocks of queries: the k nearest (exact, or through the index), or the whole ranking for mAP."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from retrieval.errors import RetrieveError
 from retrieval.evaluate.metrics import _ap_from_sorted
 from retrieval.index import drop_self
+
+if TYPE_CHECKING:
+    from retrieval.index import VectorIndex
 
 # Neighbour ids held at once while searching: bounds memory whatever the number of queries.
 _BLOCK_CELLS = 1 << 23
@@ -41,24 +44,32 @@ def exact_neighbours(
 
 
 def search_in_blocks(
-    db: np.ndarray, queries: np.ndarray, depth: int, metric: str, leave_one_out: bool
+    db: np.ndarray,
+    queries: np.ndarray,
+    depth: int,
+    metric: str,
+    leave_one_out: bool,
+    searcher: VectorIndex | None = None,
 ) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """(rows, distances, ids) of the `depth` nearest database rows, block by block of queries (each
-    block one batched exact FAISS search of at most _BLOCK_CELLS ids). `leave_one_out`: `queries` is
-    `db` and each row's own entry is left out."""
+    block one batched FAISS search of at most _BLOCK_CELLS ids). `leave_one_out`: `queries` is
+    `db` and each row's own entry is left out. `searcher` (an index over `db`, e.g. an approximate
+    one) answers as it answers a user's query; without it the search is exact."""
     from retrieval.index import ExactIndex
 
-    searcher = ExactIndex(metric=metric).fit(db)
+    # The exact search skips re-ranking: depth reaches the class size (thousands of rows a query),
+    # and order among near-ties moves these averages by noise only. An approximate index keeps its
+    # own re-ranking: what it returns to a user is what is measured.
+    refine = searcher is not None
+    searcher = searcher if searcher is not None else ExactIndex(metric=metric).fit(db)
     block = max(1, _BLOCK_CELLS // max(depth + 1, 1))
     for start in range(0, len(queries), block):
         stop = min(start + block, len(queries))
-        # No exact re-ranking: depth reaches the class size (thousands of rows a query), and order
-        # among near-ties moves these averages by noise only.
         if leave_one_out:
-            dist, ids = searcher.search(queries[start:stop], depth + 1, refine=False)
+            dist, ids = searcher.search(queries[start:stop], depth + 1, refine=refine)
             ids, dist = drop_self(ids, dist, np.arange(start, stop), depth)
         else:
-            dist, ids = searcher.search(queries[start:stop], depth, refine=False)
+            dist, ids = searcher.search(queries[start:stop], depth, refine=refine)
         yield slice(start, stop), dist, ids
 
 

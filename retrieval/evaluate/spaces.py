@@ -22,6 +22,7 @@ from retrieval.evaluate.neighbours import full_average_precision, search_in_bloc
 
 if TYPE_CHECKING:
     from retrieval.api import Index
+    from retrieval.index import VectorIndex
 
 DEFAULT_KS = (1, 5, 10)
 # Above this many query x database pairs the whole-ranking mAP is skipped unless asked for: it needs
@@ -96,13 +97,42 @@ def _ranked_per_query(
     metric: str,
     loo: bool,
     names: Sequence[str],
+    searcher: VectorIndex | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Every metric but mAP per query, from neighbours deep enough for the largest k and the largest
     R, and the number of queries with exactly tied distances among their first ks[-1] + 1."""
+    limit = len(db) - (1 if loo else 0)
+    depth = min(max(ks[-1], int(n_rel.max(initial=0))), limit)
+    per_query, tied = _ranked_at(
+        depth, db, db_codes, q_vecs, q_codes, n_rel, ks, metric, loo, names, searcher
+    )
+    if searcher is not None and depth > min(ks[-1], limit):
+        # An approximate index re-ranks a candidate pool that grows with the depth asked for: the
+        # cut-off metrics come from a search as deep as the largest k, as a user's query gets them.
+        at_k, tied = _ranked_at(
+            min(ks[-1], limit), db, db_codes, q_vecs, q_codes, n_rel, ks, metric, loo, names, searcher
+        )
+        per_query |= {n: v for n, v in at_k.items() if n.startswith(("P@", "R@", "kNN@"))}
+    return per_query, tied
+
+
+def _ranked_at(
+    depth: int,
+    db: np.ndarray,
+    db_codes: np.ndarray,
+    q_vecs: np.ndarray,
+    q_codes: np.ndarray,
+    n_rel: np.ndarray,
+    ks: list[int],
+    metric: str,
+    loo: bool,
+    names: Sequence[str],
+    searcher: VectorIndex | None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """Per query metrics from neighbours `depth` deep (those beyond it count as misses)."""
     per_query: dict[str, np.ndarray] = {n: np.zeros(len(q_vecs)) for n in names}
-    depth = min(max(ks[-1], int(n_rel.max(initial=0))), len(db) - (1 if loo else 0))
     tied = 0
-    for rows, dist, ids in search_in_blocks(db, q_vecs, depth, metric, loo):
+    for rows, dist, ids in search_in_blocks(db, q_vecs, depth, metric, loo, searcher):
         tied += count_tied(dist, ks[-1])
         for n, values in ranked_metrics(ids, q_codes[rows], n_rel[rows], db_codes, ks).items():
             per_query[n][rows] = values
@@ -153,12 +183,14 @@ def evaluate_vectors(
     metric: str = "l2",
     full_map: bool | None = None,
     name: str = "",
+    searcher: VectorIndex | None = None,
 ) -> SpaceResult:
     """Every metric for one space: leave-one-out over `db` when `queries` is None, else queries vs db.
 
     Neighbours come from exact FAISS search in blocks of queries (each block one batched call), deep
-    enough for the largest k and the largest R. `full_map=None` computes the whole-ranking mAP only
-    up to FULL_MAP_MAX_PAIRS query x database pairs.
+    enough for the largest k and the largest R; or from `searcher`, an index over `db` (an
+    approximate one measures the space as that index answers). The whole-ranking mAP is exact
+    either way; `full_map=None` computes it only up to FULL_MAP_MAX_PAIRS query x database pairs.
     """
     ks = _checked_ks(ks)
     db = np.ascontiguousarray(db, dtype=np.float32)
@@ -170,7 +202,9 @@ def evaluate_vectors(
         full_map = len(q_vecs) * len(db) <= FULL_MAP_MAX_PAIRS
     notes = _input_notes(db_labels, len(q_vecs), len(db), full_map)
     names = metric_names(ks, full_map)
-    per_query, tied = _ranked_per_query(db, db_codes, q_vecs, q_codes, n_rel, ks, metric, loo, names)
+    per_query, tied = _ranked_per_query(
+        db, db_codes, q_vecs, q_codes, n_rel, ks, metric, loo, names, searcher
+    )
     if full_map:
         per_query["mAP"] = full_average_precision(db, db_codes, q_vecs, q_codes, loo, metric)
     has_relevant = n_rel > 0
@@ -262,8 +296,13 @@ def evaluate_indexes(
     queries: Sequence[QuerySet] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     full_map: bool | None = None,
+    exact: bool = False,
 ) -> list[SpaceResult]:
-    """One SpaceResult per index: leave-one-out, or `queries[i]` (embedded in space i) against index i."""
+    """One SpaceResult per index: leave-one-out, or `queries[i]` (embedded in space i) against index i.
+
+    Neighbours come through each index's own search (an approximate index is measured as it answers
+    a query); `exact` searches the stored vectors exhaustively instead, which measures the space.
+    """
     if not indexes:
         raise RetrieveError("No index to evaluate.")
     check_same_images(indexes)
@@ -276,6 +315,8 @@ def evaluate_indexes(
     results = []
     for i, index in enumerate(indexes):
         q = queries[i] if queries is not None else None
+        kind = index.manifest.search_index.get("type", "exact")
+        approximate = not exact and kind != "exact"
         result = evaluate_vectors(
             np.asarray(index.vectors(), dtype=np.float32),
             index.labels,
@@ -285,13 +326,26 @@ def evaluate_indexes(
             metric=index.metric,
             full_map=full_map,
             name=space_name(index),
+            searcher=index.vector_index if approximate else None,
         )
+        if approximate:
+            search = index.manifest.search_index
+            result = replace(
+                result,
+                notes=(
+                    *result.notes,
+                    f"neighbours from the approximate index {search.get('factory')} "
+                    f"(recall@10 {search.get('recall_at_10')}), as a query gets them; "
+                    "«exact» measures the space itself",
+                ),
+            )
         info = {
             "index": str(index.path),
             "backbone": index.manifest.backbone,
             "weights": index.manifest.weights.id,
             "dim": index.dim,
             "metric": index.metric,
+            "search": index.manifest.search_index.get("factory", "exact") if approximate else "exact",
         }
         results.append(replace(result, extra=info))
     return results
