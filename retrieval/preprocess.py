@@ -26,6 +26,11 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     channels: int = 3  # 1 converts to greyscale
     interpolation: str = "bilinear"
+    # Set: an image whose shorter side is below `resize` is enlarged with this interpolation, and
+    # only as far as `size` (no crop margin). None: every image is resized to `resize` with
+    # `interpolation` (how indexes made before this field embed). Bicubic enlargement of small
+    # sources rings at every edge, which ImageNet networks read as texture (bench/RESULTS.md, #14).
+    upscale: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -184,3 +185,30 @@ def test_an_index_inside_the_folder_is_not_scanned(tmp_path: Path, samples: Path
     assert report.indexed == 3 and all(
         p.startswith("star/") for p in open_index(root / "indexes" / "px").paths
     )
+
+
+def _crop(img: Image.Image, side: int) -> Image.Image:
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def test_upscale_enlarges_small_images_only_to_the_input_size_and_keeps_larger_ones_as_before() -> None:
+    """With `upscale`, a source smaller than the resize target is enlarged with that interpolation
+    to the input size (no crop margin thrown away); a large photo is resized exactly as without it;
+    without `upscale` (every index made before the field) nothing changes."""
+    old = Preprocess(size=224, resize=256, interpolation="bicubic")
+    new = dataclasses.replace(old, upscale="bilinear")
+    small = _rgb(1, (32, 40))
+    enlarged = small.resize((224, 280), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    assert np.array_equal(np.asarray(Transform(new).resize_crop(small)), np.asarray(_crop(enlarged, 224)))
+    as_before = small.resize((256, 320), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    assert np.array_equal(np.asarray(Transform(old).resize_crop(small)), np.asarray(_crop(as_before, 224)))
+    between = _rgb(2, (240, 300))  # above the input, below the resize target: cropped, not resized
+    assert np.array_equal(np.asarray(Transform(new).resize_crop(between)), np.asarray(_crop(between, 224)))
+    large = _rgb(3, (400, 300))
+    assert np.array_equal(
+        np.asarray(Transform(new).resize_crop(large)), np.asarray(Transform(old).resize_crop(large))
+    )
+    # A manifest written before the field reads back as the old behaviour; the new one round-trips.
+    assert Preprocess.from_dict({k: v for k, v in old.to_dict().items() if k != "upscale"}) == old
+    assert Preprocess.from_dict(new.to_dict()) == new
