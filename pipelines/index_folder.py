@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from retrieval.device import Runtime
     from retrieval.images import Batch, Decoder, ImageFileEntry, IsolationPolicy, Transform
     from retrieval.store import Manifest, Staging
+    from retrieval.store.sync import Base, SyncPlan
 
 ENGINES = tuple(RUNNER_ENGINES)
 __all__ = ["ENGINES", "EmbedMapper", "IndexReport", "Progress", "ShardWriter", "build_index"]
@@ -43,6 +44,7 @@ class IndexReport:
     dim: int
     stages: dict[str, float] = field(default_factory=dict)
     skipped_reasons: dict[str, int] = field(default_factory=dict)
+    sync: dict[str, int] | None = None  # added, changed, removed, unchanged: a run over an index
 
     @property
     def images_per_second(self) -> float:
@@ -94,6 +96,16 @@ def build_index(
     progress = progress or Progress()
     with writer_lock(index_dir, warn=progress.warn):
         return _build_index(config, root, index_dir, progress, decoder, policy)
+
+
+def plan_index(config: IndexConfig, progress: Progress | None = None) -> SyncPlan | None:
+    """What a sync of `config.images` into `config.index` would add, change and remove (None: there
+    is no index yet). Loads the model only to check that the settings match; writes nothing."""
+    progress = progress or Progress()
+    root, index_dir = user_path(config.images).absolute(), user_path(config.index).absolute()
+    mapper = EmbedMapper.load(config)
+    entries, problems = _scan(root)
+    return _sync_base(config, index_dir, _manifest(config, root, mapper), entries, problems, progress)[1]
 
 
 @contextmanager
@@ -224,16 +236,26 @@ def _scan(root: Path) -> tuple[list[ImageFileEntry], list[tuple[str, str]]]:
 
 
 def _to_do(
-    staging: Staging, entries: list[ImageFileEntry], problems: list[tuple[str, str]], progress: Progress
+    staging: Staging,
+    entries: list[ImageFileEntry],
+    problems: list[tuple[str, str]],
+    progress: Progress,
+    base: Base | None = None,
 ) -> list[ImageFileEntry]:
-    """The files the staging area has not handled as they are now; the scan's problems are staged."""
-    done = staging.open()
-    todo = [
-        e
-        for e in entries
-        if (d := done.get(e.relpath)) is None or (d.size, d.mtime, d.ctime) != (e.size, e.mtime, e.ctime)
-    ]
-    reused = len(entries) - len(todo)
+    """The files neither the staging area nor the committed generation (a sync's `base`) has handled
+    as they are now; the scan's problems are staged."""
+    staged = staging.open()
+    done = {**base.done, **staged} if base else staged  # a staged entry is newer than the generation's
+
+    def handled(e: ImageFileEntry, done: dict) -> bool:
+        return (d := done.get(e.relpath)) is not None and (d.size, d.mtime, d.ctime) == (
+            e.size,
+            e.mtime,
+            e.ctime,
+        )
+
+    todo = [e for e in entries if not handled(e, done)]
+    reused = sum(handled(e, staged) for e in entries) if staged else 0
     if reused:
         progress.note(f"resuming: {reused} files already handled by an interrupted run")
     # Staged every run, even for paths an earlier run embedded: the later shard wins at commit, so a
@@ -264,9 +286,15 @@ def _build_index(
     with timer.stage("scan"):
         entries, problems = _scan(root)
     manifest = _manifest(config, root, mapper)
+    base, plan = _sync_base(config, index_dir, manifest, entries, problems, progress)
     # Staged shards are reused only by a run that would compute the same vectors.
     staging = Staging(index_dir, manifest.run_key(), config.shard_rows, config.flush_seconds)
-    todo = _to_do(staging, entries, problems, progress)
+    # Nothing to do only when no interrupted run waits and the search index asked for is the same.
+    same_search = base is not None and base.manifest.search_index.get("settings") == asdict(config.search)
+    if plan is not None and plan.nothing_to_do and same_search and not staging.dir.exists():
+        progress.note("up to date: nothing added, changed or removed (no image read, no new generation)")
+        return _report(index_dir, base.manifest, 0, t0, mapper, timer, plan)
+    todo = _to_do(staging, entries, problems, progress, base)
     needed = build_bytes(mapper.backbone.dim, len(todo), len(entries))
     try:
         check_room(index_dir, needed, _live(index_dir))
@@ -296,7 +324,41 @@ def _build_index(
             )
         with timer.stage("commit"):
             order = [e.relpath for e in entries] + [p for p, _ in problems]
-            manifest = commit(index_dir, staging, order, manifest, config.shard_rows, config.search, progress)
+            manifest = commit(
+                index_dir, staging, order, manifest, config.shard_rows, config.search, progress, base
+            )
+    return _report(index_dir, manifest, embedded, t0, mapper, timer, plan)
+
+
+def _sync_base(
+    config: IndexConfig,
+    index_dir: Path,
+    manifest: Manifest,
+    entries: list[ImageFileEntry],
+    problems: list[tuple[str, str]],
+    progress: Progress,
+) -> tuple[Base | None, SyncPlan | None]:
+    """The live generation a run syncs from (None: a first run, or «rebuild») and what changed."""
+    from retrieval.store.sync import committed_base, plan_sync
+
+    base = None if config.rebuild else committed_base(index_dir, manifest.run_key())
+    if base is None:
+        return None, None
+    plan = plan_sync(entries, problems, base)
+    counts = ", ".join(f"{n:,} {what}" for what, n in plan.counts().items())
+    progress.note(f"syncing with {base.manifest.generation}: {counts}")
+    return base, plan
+
+
+def _report(
+    index_dir: Path,
+    manifest: Manifest,
+    embedded: int,
+    t0: float,
+    mapper: EmbedMapper,
+    timer: StageTimer,
+    plan: SyncPlan | None,
+) -> IndexReport:
     return IndexReport(
         index=index_dir,
         indexed=manifest.counts.indexed,
@@ -308,6 +370,7 @@ def _build_index(
         dim=mapper.backbone.dim,
         stages=dict(timer.seconds),
         skipped_reasons=_ledger_reasons(index_dir, manifest),
+        sync=plan.counts() if plan else None,
     )
 
 

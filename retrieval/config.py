@@ -38,7 +38,7 @@ class IndexConfig:
     """Settings of `retrieve index` / `build_index`."""
 
     images: Path  # folder scanned recursively
-    index: Path  # index directory (created; an existing index is replaced atomically on success)
+    index: Path  # index directory (created; an existing one is synced, atomically, on success)
     backbone: str | None = None  # registry name; None = efficientnet_lite0, or the checkpoint's architecture
     weights: str | None = None  # "imagenet", "none", or a checkpoint path; None = the backbone's default
     layer: str | None = None  # FX node to tap instead of the registry default
@@ -52,6 +52,9 @@ class IndexConfig:
     flush_seconds: float = 30.0  # ...and a shard at least this often, so a kill loses at most this much
     engine: str = "local"  # where the pipeline runs; "local" (Ray is a later engine)
     search: SearchConfig = SearchConfig()  # which search index is built over the vectors
+    # An existing index is synced (only added and changed files are embedded); True embeds every
+    # file again and replaces it, whatever settings made it.
+    rebuild: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -67,8 +68,8 @@ def test_changed_file_is_re_embedded_and_removed_file_dropped(tmp_path: Path) ->
         tmp_path / "imgs", SampleConfig(per_class=3, test_per_class=0, size=32, classes=("circle", "star"))
     )
     build_index(_cfg(imgs, tmp_path / "idx"), progress=None)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(_cfg(imgs, tmp_path / "idx"), progress=_InterruptAfter(4))
+    with pytest.raises(KeyboardInterrupt):  # a rebuild: a sync of the same folder has nothing to do
+        build_index(_cfg(imgs, tmp_path / "idx", rebuild=True), progress=_InterruptAfter(4))
     (imgs / "train" / "star" / "0000.png").unlink()
     os.utime(imgs / "train" / "circle" / "0001.png", (1, 1))
     report = build_index(_cfg(imgs, tmp_path / "idx"))
@@ -195,7 +196,7 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work(
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(space.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
     with pytest.raises(space.NoSpaceError) as err:
-        build_index(cfg)
+        build_index(dataclasses.replace(cfg, rebuild=True))
     text = str(err.value)
     needed = space.build_bytes(open_index(tmp_path / "idx").manifest.dim, 72, 72)  # pixels at 32 px: 3,072-d
     assert f"needs about {needed / 1e6:.1f} MB and 50.0 KB is free" in text
@@ -206,7 +207,7 @@ def test_a_build_that_cannot_fit_is_refused_before_any_work(
     from retrieval.cli import app
 
     r = CliRunner().invoke(
-        app, ["index", str(samples), "--index", str(tmp_path / "idx"), "--backbone", "pixels"]
+        app, ["index", str(samples), "--index", str(tmp_path / "idx"), "--backbone", "pixels", "--rebuild"]
     )
     assert r.exit_code == 1 and "give --index a folder on a disk with more room" in " ".join(r.stderr.split())
     assert "Traceback" not in r.output
@@ -238,6 +239,7 @@ def test_a_disk_that_fills_during_the_build_is_said_plainly(
         raise OSError("850944 requested and 624608 written")  # numpy's words for ENOSPC
 
     monkeypatch.setattr(staging, "write_npy", full)
+    cfg = dataclasses.replace(cfg, rebuild=True)  # a sync of the same folder would write nothing
     with pytest.raises(space.NoSpaceError, match="ran out of space during this build") as err:
         build_index(cfg)
     assert "requested and" not in str(err.value) and "(gen-000001) is intact" in str(err.value)

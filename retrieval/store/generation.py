@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from retrieval.store.staging import Staging
 
 if TYPE_CHECKING:
     from retrieval.progress import Progress
+    from retrieval.store.sync import Base
 
 
 def _generations(index_dir: Path) -> list[Path]:
@@ -35,48 +36,64 @@ def _generations(index_dir: Path) -> list[Path]:
 class _Selection:
     """The rows a generation keeps, in id order, and where each one's vector is staged."""
 
-    rows: list[dict[str, Any]]
+    rows: pa.Table  # METADATA_SCHEMA: an Arrow table, not a million Python dicts held all build long
     skipped: list[dict[str, Any]]
     shard: np.ndarray  # staged shard of each row
     row: np.ndarray  # its row in that shard
 
 
-def _select(shard_paths: list[Path], order: Sequence[str]) -> _Selection:
-    """The latest staged entry of each path still in `order` (the scan), in scan order."""
-    rank = {p: i for i, p in enumerate(order)}
-    # A file changed between runs is staged twice: the later shard wins, in vectors and in the ledger.
-    latest: dict[str, tuple[int, int, dict[str, Any]]] = {}
-    for si, shard in enumerate(shard_paths):
-        for ri, row in enumerate(pq.read_table(shard.with_suffix(".parquet")).to_pylist()):
-            latest[row["path"]] = (si, ri, row)
-        for row in read_jsonl(shard.with_suffix(".skipped.jsonl")):
-            latest[row["path"]] = (si, -1, row)
-    src_shard, src_row, rows, skipped = [], [], [], []
-    for path, (si, ri, row) in latest.items():
-        if path not in rank:
-            continue  # deleted since it was staged
-        if ri < 0:
-            skipped.append(row)
-        else:
-            src_shard.append(si)
-            src_row.append(ri)
-            rows.append(row)
-    skipped.sort(key=lambda r: rank[r["path"]])
-    perm = np.argsort([rank[r["path"]] for r in rows], kind="stable")
-    return _Selection(
-        [rows[i] for i in perm],
-        skipped,
-        np.asarray(src_shard, np.int64)[perm],
-        np.asarray(src_row, np.int64)[perm],
+def _sources(shard_paths: list[Path], base: Base | None) -> list[tuple[Path, Path]]:
+    """(metadata, ledger) files of each source of rows, oldest first: the generation a sync
+    starts from, then the staged shards in write order."""
+    sources = [(base.folder / "metadata.parquet", base.folder / "skipped.jsonl")] if base else []
+    return sources + [(s.with_suffix(".parquet"), s.with_suffix(".skipped.jsonl")) for s in shard_paths]
+
+
+def _select(sources: list[tuple[Path, Path]], order: Sequence[str]) -> _Selection:
+    """The latest entry of each path still in `order` (the scan), in scan order."""
+    import pyarrow.compute as pc
+
+    # A file changed between runs is staged twice: the later shard wins, in vectors and in the
+    # ledger. Each entry's sequence number is its source << 32 plus its place there (ledger last).
+    tables = [METADATA_SCHEMA.empty_table().append_column("_seq", pa.array([], pa.int64()))]
+    ledger: list[dict[str, Any]] = []
+    ledger_seq: list[int] = []
+    for si, (meta, skipped) in enumerate(sources):
+        t = pq.read_table(meta).select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
+        tables.append(t.append_column("_seq", pa.array((si << 32) + np.arange(len(t), dtype=np.int64))))
+        for j, row in enumerate(read_jsonl(skipped)):
+            ledger.append(row)
+            ledger_seq.append((si << 32) + (1 << 31) + j)
+    rows = pa.concat_tables(tables)
+    ledger_paths, ledger_seqs = (
+        pa.array([r["path"] for r in ledger], pa.string()),
+        pa.array(ledger_seq, pa.int64()),
     )
+    entries = pa.table(
+        {
+            "path": pa.concat_arrays([rows["path"].combine_chunks(), ledger_paths]),
+            "seq": pa.concat_arrays([rows["_seq"].combine_chunks(), ledger_seqs]),
+        }
+    )
+    latest = entries.group_by("path").aggregate([("seq", "max")])["seq_max"]
+    scan = pa.array(order, pa.string())
+    rows = rows.filter(pc.is_in(rows["_seq"], value_set=latest))
+    rank = pc.index_in(rows["path"], value_set=scan)  # null: deleted since it was staged
+    rows = rows.append_column("_rank", rank).filter(pc.is_valid(rank)).sort_by("_rank")
+    kept = pc.is_in(ledger_seqs, value_set=latest).to_pylist()
+    ranks = pc.index_in(ledger_paths, value_set=scan).to_pylist()
+    ranked = [(i, r) for r, k, i in zip(ledger, kept, ranks, strict=True) if k and i is not None]
+    skipped = [r for _, r in sorted(ranked, key=lambda e: e[0])]
+    seq = rows["_seq"].to_numpy()
+    return _Selection(rows.select(METADATA_SCHEMA.names), skipped, seq >> 32, seq & 0xFFFFFFFF)
 
 
 def _write_vectors(
-    selection: _Selection, shard_paths: list[Path], dim: int, shard_rows: int, out_dir: Path
+    selection: _Selection, arrays: list[Any], dim: int, shard_rows: int, out_dir: Path
 ) -> list[str]:
-    """Write the kept vectors in id order to `out_dir` as shards of `shard_rows`; their file names."""
-    # Gather rows shard by shard from memory-mapped staging files: memory stays one block.
-    arrays = [np.load(s.with_suffix(".npy"), mmap_mode="r") for s in shard_paths]
+    """Write the kept vectors in id order to `out_dir` as shards of `shard_rows`; their file names.
+
+    `arrays` holds each source's rows (memory-mapped): gathered block by block, memory stays one block."""
     names: list[str] = []
     for start in range(0, len(selection.rows), shard_rows):
         src_shard = selection.shard[start : start + shard_rows]
@@ -84,7 +101,8 @@ def _write_vectors(
         out = np.empty((len(src_shard), dim), np.float32)
         for si in np.unique(src_shard):
             mask = src_shard == si
-            out[mask] = arrays[si][src_row[mask]]
+            src = arrays[si]
+            out[mask] = src.take(src_row[mask]) if isinstance(src, ShardedVectors) else src[src_row[mask]]
         names.append(f"vectors-{len(names):05d}.npy")
         write_npy(out_dir / names[-1], out)
     return names
@@ -98,6 +116,7 @@ def commit(
     shard_rows: int,
     search: SearchConfig | None = None,
     progress: Progress | None = None,
+    base: Base | None = None,
 ) -> Manifest:
     """Turn the staged shards into a new generation, then switch manifest.json to it.
 
@@ -105,13 +124,14 @@ def commit(
     interrupted runs) the shards were written in. Files staged but no longer present are dropped.
     `search` says which search index to build over the vectors (exact search by default); it is
     built from the generation's shards once they are written, memory-mapped, so the build holds
-    the index and one training sample, not the vectors.
+    the index and one training sample, not the vectors. `base` (a sync) is the live generation:
+    its rows count as staged before every shard, so unchanged files keep their vectors.
     """
     from retrieval.index import build_search_index
 
     staging.flush()
     shard_paths = staging.shards()
-    selection = _select(shard_paths, order)
+    selection = _select(_sources(shard_paths, base), order)
     if not selection.rows:
         # Never replace a good index with an empty one.
         reasons = sorted({r["reason"].split(":")[0] for r in selection.skipped})
@@ -126,16 +146,18 @@ def commit(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    vector_files = _write_vectors(selection, shard_paths, manifest.dim, shard_rows, tmp)
+    arrays: list[Any] = [ShardedVectors(base.vector_files, manifest.dim)] if base else []
+    arrays += [np.load(s.with_suffix(".npy"), mmap_mode="r") for s in shard_paths]
+    vector_files = _write_vectors(selection, arrays, manifest.dim, shard_rows, tmp)
     rows = ShardedVectors([tmp / f for f in vector_files], manifest.dim)
-    index = build_search_index(rows, manifest.metric, search or SearchConfig(search="exact"), progress)
+    search = search or SearchConfig(search="exact")
+    index = build_search_index(rows, manifest.metric, search, progress)
     index.save(tmp / "index.faiss")
     with open(tmp / "index.faiss", "rb+") as fh:  # FAISS writes it directly: make it durable too
         os.fsync(fh.fileno())
     bytes_per_vector = round(os.path.getsize(tmp / "index.faiss") / len(rows), 1)
     ids = pa.array(np.arange(len(selection.rows), dtype=np.int64))
-    table = pa.Table.from_pylist(selection.rows, schema=METADATA_SCHEMA)
-    write_parquet(tmp / "metadata.parquet", table.add_column(0, "id", ids))
+    write_parquet(tmp / "metadata.parquet", selection.rows.add_column(0, "id", ids))
     write_jsonl(tmp / "skipped.jsonl", selection.skipped)
     os.replace(tmp, index_dir / name)
     sync_dir(index_dir)  # the generation's name is on disk before the manifest names it
@@ -146,7 +168,7 @@ def commit(
         Counts(len(selection.rows), len(selection.skipped)),
         # What index.faiss is, for `index.load_index`: its kind, factory string and parameters,
         # with what it measured (recall@10, latency) and its size.
-        index.record() | {"bytes_per_vector": bytes_per_vector},
+        index.record() | {"bytes_per_vector": bytes_per_vector, "settings": asdict(search)},
         time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     write_json(index_dir / MANIFEST, manifest.to_dict())  # the atomic switch to the new generation

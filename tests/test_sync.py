@@ -1,0 +1,180 @@
+"""Incremental sync (#16): a synced index against a from-scratch rebuild of the folder's new state."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.index_folder import build_index, plan_index
+from retrieval.api import open_index
+from retrieval.cli import app
+from retrieval.config import IndexConfig, SearchConfig
+from retrieval.errors import RetrieveError
+from retrieval.progress import Progress
+from retrieval.samples import SampleConfig, make_samples
+
+runner = CliRunner()
+
+
+class _InterruptAfter(Progress):
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+        if self.seen >= self.n:
+            raise KeyboardInterrupt
+
+
+def _folder(tmp_path: Path) -> Path:
+    return make_samples(tmp_path / "imgs", SampleConfig(per_class=4, test_per_class=0, size=32))
+
+
+def _cfg(images: Path, index: Path, **kw) -> IndexConfig:
+    return IndexConfig(
+        images=images, index=index, backbone="pixels", workers=0, batch_size=4, shard_rows=8, **kw
+    )
+
+
+def _image(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.png") if p.is_file())
+
+
+def _step(root: Path, rng: np.random.Generator, step: int, broken: list[Path]) -> str:
+    """One random change to the folder: add, change, delete, rename, corrupt or repair."""
+    files = [p for p in _files(root) if p not in broken]
+    op = rng.choice(["add", "change", "delete", "rename", "corrupt", "repair"])
+    if op == "repair" and not broken:
+        op = "corrupt"
+    victim = files[int(rng.integers(len(files)))]
+    if op == "add":
+        _image(root / "train" / rng.choice(["circle", "new"]) / f"added-{step}.png", 1000 + step)
+    elif op == "change":
+        _image(victim, 2000 + step)  # another image under the same name
+    elif op == "delete":
+        victim.unlink()
+    elif op == "rename":
+        victim.rename(victim.parent.parent / "square" / f"moved-{step}-{victim.name}")
+    elif op == "corrupt":
+        victim.write_bytes(b"\x89PNG\r\n\x1a\n not an image any more")
+        broken.append(victim)
+    else:
+        _image(broken.pop(), 3000 + step)
+    return op
+
+
+def _same_as_rebuild(synced: Path, images: Path, scratch: Path, search: SearchConfig) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)
+    build_index(_cfg(images, scratch, search=search))
+    a, b = open_index(synced), open_index(scratch)
+    assert a.paths == b.paths and a.labels == b.labels
+    np.testing.assert_allclose(np.asarray(a.vectors()), np.asarray(b.vectors()), atol=1e-6)
+    assert sorted(r["path"] for r in a.skipped()) == sorted(r["path"] for r in b.skipped())
+    some = list(range(0, len(a), 3))
+    assert [[(h.id, h.path) for h in r] for r in a.search_ids(some, k=5)] == [
+        [(h.id, h.path) for h in r] for r in b.search_ids(some, k=5)
+    ]
+    assert a.manifest.search_index.get("factory") == b.manifest.search_index.get("factory")
+
+
+@pytest.mark.parametrize("search", ["exact", "IVF4,Flat"])
+def test_random_changes_synced_equal_a_rebuild_and_embed_only_what_changed(
+    tmp_path: Path, search: str
+) -> None:
+    images, idx = _folder(tmp_path), tmp_path / "idx"
+    config = SearchConfig(search=search, min_recall=0.5)
+    build_index(_cfg(images, idx, search=config))
+    rng, broken, ops = np.random.default_rng(0), [], []
+    for step in range(8):
+        ops.append(_step(images, rng, step, broken))
+        plan = plan_index(_cfg(images, idx, search=config))
+        report = build_index(_cfg(images, idx, search=config))
+        assert report.sync == plan.counts()
+        # Only added and changed files go through the model (those now unreadable are ledgered).
+        ledgered = {r["path"] for r in open_index(idx).skipped()}
+        assert report.embedded == len([p for p in plan.added + plan.changed if p not in ledgered]), (
+            ops,
+            plan,
+        )
+        _same_as_rebuild(idx, images, tmp_path / "scratch", config)
+    assert len(set(ops)) >= 4, ops  # the seed exercises most kinds of change
+
+
+def test_a_sync_with_nothing_to_do_reads_no_image_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images, idx = _folder(tmp_path), tmp_path / "idx"
+    (images / "train" / "circle" / "0000.png").write_bytes(b"broken")  # a ledgered file stays ledgered
+    build_index(_cfg(images, idx))
+    # Everything but the writer lock, which every run takes (and a dead run's is taken over).
+    before = {p: p.stat().st_mtime_ns for p in idx.rglob("*") if p.name != ".lock"}
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a no-op sync opened an image")
+
+    monkeypatch.setattr(Image, "open", no_reading)
+    report = build_index(_cfg(images, idx))
+    assert report.embedded == 0 and report.sync == {"added": 0, "changed": 0, "removed": 0, "unchanged": 32}
+    assert {p: p.stat().st_mtime_ns for p in idx.rglob("*") if p.name != ".lock"} == before
+    assert open_index(idx).manifest.generation == "gen-000001"
+
+
+def test_an_interrupted_sync_leaves_the_old_generation_and_the_next_run_finishes_it(tmp_path: Path) -> None:
+    images, idx = _folder(tmp_path), tmp_path / "idx"
+    build_index(_cfg(images, idx))
+    old = open_index(idx).paths
+    for i in range(12):
+        _image(images / "train" / "extra" / f"{i:02d}.png", i)
+    (images / "train" / "star" / "0001.png").unlink()
+    for after in (4, 4):  # killed twice: in the first batch, then in the second run's
+        with pytest.raises(KeyboardInterrupt):
+            build_index(_cfg(images, idx), progress=_InterruptAfter(after))
+        live = open_index(idx)
+        assert live.manifest.generation == "gen-000001" and live.paths == old
+    report = build_index(_cfg(images, idx))
+    assert report.embedded < 12  # what the interrupted runs staged is not embedded again
+    _same_as_rebuild(idx, images, tmp_path / "scratch", SearchConfig())
+
+
+def test_other_settings_are_refused_and_rebuild_replaces(tmp_path: Path) -> None:
+    images, idx = _folder(tmp_path), tmp_path / "idx"
+    build_index(_cfg(images, idx))
+    with pytest.raises(RetrieveError, match="rebuild") as err:
+        build_index(_cfg(images, idx, tta=True))
+    assert "tta: False -> True" in str(err.value)
+    r = runner.invoke(
+        app, ["index", str(images), "--index", str(idx), "--backbone", "lenet", "--weights", "none"]
+    )
+    assert (
+        r.exit_code != 0 and "--rebuild" in r.stderr and "«" not in r.stderr and "Traceback" not in r.output
+    )
+    assert open_index(idx).manifest.backbone == "pixels"
+    report = build_index(dataclasses.replace(_cfg(images, idx, tta=True), rebuild=True))
+    assert report.embedded == report.indexed == 32 and open_index(idx).manifest.tta
+
+
+def test_dry_run_lists_the_changes_and_touches_nothing(tmp_path: Path) -> None:
+    images, idx = _folder(tmp_path), tmp_path / "idx"
+    build_index(_cfg(images, idx))
+    _image(images / "train" / "circle" / "new.png", 5)
+    (images / "train" / "star" / "0002.png").unlink()
+    _image(images / "train" / "star" / "0003.png", 6)
+    before = {p: p.stat().st_mtime_ns for p in idx.rglob("*")}
+    r = runner.invoke(app, ["index", str(images), "--index", str(idx), "--backbone", "pixels", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())
+    assert "added 1 train/circle/new.png" in out and "removed 1 train/star/0002.png" in out
+    assert "changed 1 train/star/0003.png" in out and "unchanged 30" in out
+    assert {p: p.stat().st_mtime_ns for p in idx.rglob("*")} == before
