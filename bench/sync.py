@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.index_folder import build_index
 from retrieval.api import open_index
-from retrieval.config import IndexConfig
+from retrieval.config import IndexConfig, SearchConfig
 
 CLASSES = 10
 
@@ -78,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--backbone", default="lenet")
+    ap.add_argument("--search", default="auto", help="the index's --search (auto: approximate from 100k)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sync-bench"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -89,8 +90,9 @@ def main() -> None:
     shutil.rmtree(live, ignore_errors=True)
     shutil.copytree(root, live, ignore=shutil.ignore_patterns(".complete"))
     weights = "none" if args.backbone != "pixels" else None
-    common = {"backbone": args.backbone, "weights": weights, "dtype": "float32", "search": None}
-    common = {k: v for k, v in common.items() if v is not None}
+    common = {"backbone": args.backbone, "dtype": "float32", "search": SearchConfig(search=args.search)}
+    if weights:
+        common["weights"] = weights
     synced, rebuilt = args.work / "idx-sync", args.work / "idx-rebuild"
     for d in (synced, rebuilt):
         shutil.rmtree(d, ignore_errors=True)
