@@ -241,11 +241,17 @@ def _to_do(
     problems: list[tuple[str, str]],
     progress: Progress,
     base: Base | None = None,
+    plan: SyncPlan | None = None,
 ) -> list[ImageFileEntry]:
     """The files neither the staging area nor the committed generation (a sync's `base`) has handled
     as they are now; the scan's problems are staged."""
     staged = staging.open()
-    done = {**base.done, **staged} if base else staged  # a staged entry is newer than the generation's
+    carried: dict = {}
+    if base is not None and plan is not None:
+        from retrieval.store.sync import carried_over
+
+        carried = carried_over(staging, base, plan, entries)
+    done = {**carried, **staged}  # a staged entry is newer than the generation's
 
     def handled(e: ImageFileEntry, done: dict) -> bool:
         return (d := done.get(e.relpath)) is not None and (d.size, d.mtime, d.ctime) == (
@@ -294,7 +300,7 @@ def _build_index(
     if plan is not None and plan.nothing_to_do and same_search and not staging.dir.exists():
         progress.note("up to date: nothing added, changed or removed (no image read, no new generation)")
         return _report(index_dir, base.manifest, 0, t0, mapper, timer, plan)
-    todo = _to_do(staging, entries, problems, progress, base)
+    todo = _to_do(staging, entries, problems, progress, base, plan)
     needed = build_bytes(mapper.backbone.dim, len(todo), len(entries))
     try:
         check_room(index_dir, needed, _live(index_dir))
@@ -325,7 +331,15 @@ def _build_index(
         with timer.stage("commit"):
             order = [e.relpath for e in entries] + [p for p, _ in problems]
             manifest = commit(
-                index_dir, staging, order, manifest, config.shard_rows, config.search, progress, base
+                index_dir,
+                staging,
+                order,
+                manifest,
+                config.shard_rows,
+                config.search,
+                progress,
+                base,
+                plan.counts() if plan else None,
             )
     return _report(index_dir, manifest, embedded, t0, mapper, timer, plan)
 
@@ -344,7 +358,7 @@ def _sync_base(
     base = None if config.rebuild else committed_base(index_dir, manifest.run_key())
     if base is None:
         return None, None
-    plan = plan_sync(entries, problems, base)
+    plan = plan_sync(entries, problems, base, config.verify)
     counts = ", ".join(f"{n:,} {what}" for what, n in plan.counts().items())
     progress.note(f"syncing with {base.manifest.generation}: {counts}")
     return base, plan

@@ -79,8 +79,23 @@ class Index:
         return self.metadata.column("label").to_pylist()
 
     @cached_property
-    def _ids_by_path(self) -> dict[str, int]:
+    def _ids_by_path(self) -> dict[str, int]:  # path -> row
         return {p: i for i, p in enumerate(self.paths)}
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        """The stable id of each row: what `Hit.id` and an int query mean. A first build numbers
+        the rows 0..n-1; a sync keeps each unchanged (or moved) file's id and never reuses one."""
+        if "id" not in self.metadata.column_names:
+            return np.arange(len(self), dtype=np.int64)
+        return self.metadata.column("id").to_numpy().astype(np.int64)
+
+    @cached_property
+    def _rows_by_id(self) -> dict[int, int] | None:  # None: ids are the rows
+        ids = self.ids
+        if np.array_equal(ids, np.arange(len(ids))):
+            return None
+        return {int(i): r for r, i in enumerate(ids)}
 
     @property
     def root(self) -> Path:
@@ -146,11 +161,13 @@ class Index:
 
     # -- lookups ------------------------------------------------------------------------------
     def id_of(self, ref: str | int | os.PathLike) -> int:
-        """An id from an int, a path relative to the root, or a path to a file under the root."""
+        """The row of an id (an int), a path relative to the root, or a path to a file under the root."""
         if isinstance(ref, int | np.integer):
-            if not 0 <= int(ref) < len(self):
-                raise RetrieveError(f"id {ref} is out of range (the index holds {len(self)} images).")
-            return int(ref)
+            rows = self._rows_by_id
+            row = (int(ref) if 0 <= int(ref) < len(self) else None) if rows is None else rows.get(int(ref))
+            if row is None:
+                raise RetrieveError(f"id {ref} is not in the index (it holds {len(self)} images).")
+            return row
         s = str(ref)
         # isdigit() alone takes "²" and "٣", which int() refuses or reads as another number.
         if s.isascii() and s.isdigit() and s not in self._ids_by_path:
@@ -182,7 +199,8 @@ class Index:
         return next((self._ids_by_path[c] for c in candidates if c in self._ids_by_path), None)
 
     def hit(self, rank: int, i: int, distance: float) -> Hit:
-        return Hit(rank, int(i), float(distance), self.paths[i], self.labels[i])
+        """Row `i` as the `rank`-th hit: its stable id, path and label."""
+        return Hit(rank, int(self.ids[i]), float(distance), self.paths[i], self.labels[i])
 
     # -- search -------------------------------------------------------------------------------
     def search_vectors(self, x: np.ndarray, k: int = 10, exact: bool = False) -> list[list[Hit]]:

@@ -55,6 +55,7 @@ class IndexConfig:
     # An existing index is synced (only added and changed files are embedded); True embeds every
     # file again and replaces it, whatever settings made it.
     rebuild: bool = False
+    verify: bool = False  # a sync also hashes files whose size and times agree (slower: reads them)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexConfig:

@@ -100,7 +100,13 @@ def test_corpus_indexes_good_files_and_ledgers_bad_ones(tmp_path: Path) -> None:
     import pandas as pd
 
     df = pd.read_parquet(idx.dir / "metadata.parquet")
-    assert list(df.columns) == ["id", "path", "label", "width", "height", "bytes", "mtime", "ctime"]
+    assert list(df.columns) == ["id", "path", "label", "width", "height", "bytes", "mtime", "ctime", "hash"]
+    import hashlib  # the content hash a sync knows a moved file by: blake2b-128 of its bytes
+
+    rgb = (idx.root / "good" / "rgb.jpg").read_bytes()
+    assert (
+        df.loc[df.path == "good/rgb.jpg", "hash"].item() == hashlib.blake2b(rgb, digest_size=16).hexdigest()
+    )
     assert (df.loc[df.path == "good/rgb.jpg", ["width", "height"]].values == [[40, 30]]).all()
     assert df.loc[df.path == "good/nested/UPPER.JPG", "label"].item() == "nested"
     assert df.loc[df.path == "link.jpg", "label"].item() == "corpus"

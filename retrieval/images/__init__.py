@@ -13,7 +13,14 @@ from retrieval.images.decode import (
 from retrieval.images.isolate import decode_all
 from retrieval.images.loader import CRASH_SIGNALS, Batch, ImageDataset, collate, file_row
 from retrieval.images.policy import IsolationPolicy
-from retrieval.images.scanning import IMAGE_EXTENSIONS, ImageFileEntry, is_index_dir, label_of, scan
+from retrieval.images.scanning import (
+    IMAGE_EXTENSIONS,
+    ImageFileEntry,
+    content_hash,
+    is_index_dir,
+    label_of,
+    scan,
+)
 from retrieval.images.thumbs import placeholder, square_thumbnail
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "PILDecoder",
     "Transform",
     "collate",
+    "content_hash",
     "decode_all",
     "file_row",
     "is_index_dir",

@@ -124,3 +124,14 @@ def is_index_dir(path: Path) -> bool:
         return manifest.is_file() and b'"retrieve-index"' in manifest.read_bytes()[:4096]
     except OSError:
         return False
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """blake2b-128 of a file's bytes, hex (read in 1 MB blocks: a 100 MP TIFF is not held at once)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -22,8 +22,20 @@ METADATA_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("mtime", pa.float64()),
         ("ctime", pa.float64()),
+        # blake2b-128 of the file's bytes, hex: a sync knows a moved file by it ("" for vectors
+        # given with --vectors, null in generations made before it existed).
+        ("hash", pa.string()),
     ]
 )
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """`table` (a generation or staged shard's metadata, of any version) in METADATA_SCHEMA: columns
+    it lacks (written before they existed) are nulls, extra ones (the id) are left out."""
+    for f in METADATA_SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(len(table), f.type))
+    return table.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -16,8 +17,8 @@ import pyarrow.parquet as pq
 
 from retrieval.atomic import sync_dir, write_json
 from retrieval.config import SearchConfig
-from retrieval.errors import EmptyInputError
-from retrieval.store.files import METADATA_SCHEMA, read_jsonl, write_jsonl, write_npy, write_parquet
+from retrieval.errors import EmptyInputError, RetrieveError
+from retrieval.store.files import METADATA_SCHEMA, conform, read_jsonl, write_jsonl, write_npy, write_parquet
 from retrieval.store.manifest import GENERATION, MANIFEST, Counts, Manifest
 from retrieval.store.reader import ShardedVectors
 from retrieval.store.staging import Staging
@@ -59,7 +60,7 @@ def _select(sources: list[tuple[Path, Path]], order: Sequence[str]) -> _Selectio
     ledger: list[dict[str, Any]] = []
     ledger_seq: list[int] = []
     for si, (meta, skipped) in enumerate(sources):
-        t = pq.read_table(meta).select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
+        t = conform(pq.read_table(meta))
         tables.append(t.append_column("_seq", pa.array((si << 32) + np.arange(len(t), dtype=np.int64))))
         for j, row in enumerate(read_jsonl(skipped)):
             ledger.append(row)
@@ -86,6 +87,49 @@ def _select(sources: list[tuple[Path, Path]], order: Sequence[str]) -> _Selectio
     skipped = [r for _, r in sorted(ranked, key=lambda e: e[0])]
     seq = rows["_seq"].to_numpy()
     return _Selection(rows.select(METADATA_SCHEMA.names), skipped, seq >> 32, seq & 0xFFFFFFFF)
+
+
+def _history(index_dir: Path) -> tuple[dict[str, Any], ...]:
+    """The history of the index's live manifest, if it has a readable one."""
+    from retrieval.store.reader import read_manifest
+
+    try:
+        return read_manifest(index_dir).history
+    except (RetrieveError, OSError):
+        return ()
+
+
+def _stable_ids(rows: pa.Table, base: Base | None) -> tuple[np.ndarray, int]:
+    """Each kept row's id, and the next unused one. A path the base generation held keeps its id;
+    a moved file (the content hash of a base row whose path is gone) takes that row's; any other
+    row gets the next id never used. Without a base (a first run, a rebuild) ids are the rows."""
+    import pyarrow.compute as pc
+
+    if base is None:
+        return np.arange(len(rows), dtype=np.int64), len(rows)
+    meta = conform(pq.read_table(base.folder / "metadata.parquet")).append_column(
+        "id", pq.read_table(base.folder / "metadata.parquet", columns=["id"])["id"]
+    )
+    base_ids = meta["id"].to_numpy()
+    at = pc.fill_null(pc.index_in(rows["path"], value_set=meta["path"]), -1).to_numpy()
+    ids = np.where(at >= 0, base_ids[np.maximum(at, 0)], -1)
+    # Rows whose path is gone, by content: each one's id can go to one moved file.
+    gone = ~pc.is_in(meta["path"], value_set=rows["path"]).to_numpy(zero_copy_only=False)
+    by_hash: dict[str, list[int]] = {}
+    hashes = meta["hash"].to_pylist()
+    for j in np.flatnonzero(gone):
+        if hashes[j]:
+            by_hash.setdefault(hashes[j], []).append(int(base_ids[j]))
+    new_hashes = rows["hash"].to_pylist()
+    for r in np.flatnonzero(ids < 0):
+        if (h := new_hashes[r]) and by_hash.get(h):
+            ids[r] = by_hash[h].pop(0)
+    start = max(
+        base.manifest.counts.next_id or base.manifest.counts.indexed, int(base_ids.max(initial=-1)) + 1
+    )
+    fresh = np.flatnonzero(ids < 0)
+    ids[fresh] = start + np.arange(len(fresh))
+    return ids, start + len(fresh)
 
 
 def _write_vectors(
@@ -117,6 +161,7 @@ def commit(
     search: SearchConfig | None = None,
     progress: Progress | None = None,
     base: Base | None = None,
+    changes: dict[str, int] | None = None,
 ) -> Manifest:
     """Turn the staged shards into a new generation, then switch manifest.json to it.
 
@@ -156,20 +201,23 @@ def commit(
     with open(tmp / "index.faiss", "rb+") as fh:  # FAISS writes it directly: make it durable too
         os.fsync(fh.fileno())
     bytes_per_vector = round(os.path.getsize(tmp / "index.faiss") / len(rows), 1)
-    ids = pa.array(np.arange(len(selection.rows), dtype=np.int64))
-    write_parquet(tmp / "metadata.parquet", selection.rows.add_column(0, "id", ids))
+    ids, next_id = _stable_ids(selection.rows, base)
+    write_parquet(tmp / "metadata.parquet", selection.rows.add_column(0, "id", pa.array(ids)))
     write_jsonl(tmp / "skipped.jsonl", selection.skipped)
     os.replace(tmp, index_dir / name)
     sync_dir(index_dir)  # the generation's name is on disk before the manifest names it
 
+    # The history goes on across syncs and rebuilds (whatever settings made the previous one).
+    manifest = dataclasses.replace(manifest, history=_history(index_dir))
     manifest = manifest.committed_as(
         name,
         vector_files,
-        Counts(len(selection.rows), len(selection.skipped)),
+        Counts(len(selection.rows), len(selection.skipped), next_id),
         # What index.faiss is, for `index.load_index`: its kind, factory string and parameters,
         # with what it measured (recall@10, latency) and its size.
         index.record() | {"bytes_per_vector": bytes_per_vector, "settings": asdict(search)},
         time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        changes,
     )
     write_json(index_dir / MANIFEST, manifest.to_dict())  # the atomic switch to the new generation
     for old in previous:

@@ -23,6 +23,7 @@ GENERATION = re.compile(r"gen-\d{6,}")
 VECTOR_FILE = re.compile(r"vectors-\d{5,}\.npy")
 # The staging area's own version: 2 added ctime to the shard metadata.
 STAGING_LAYOUT = 2
+HISTORY = 100  # commits remembered in the manifest
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class WeightsRecord:
 class Counts:
     indexed: int  # vectors in the generation
     skipped: int = 0  # rows of its ledger
+    # The next unused id: ids are stable across syncs and never reused (0: a manifest from before,
+    # whose ids were its rows 0..indexed-1).
+    next_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class Manifest:
     search_index: dict[str, Any] = field(default_factory=lambda: {"type": "exact"})
     committed: str = ""
     format_version: int = FORMAT_VERSION
+    # One entry per commit, the latest last (at most HISTORY): generation, committed, indexed,
+    # skipped, and for a sync its added, changed, removed and renamed counts.
+    history: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, keys in the order `retrieve info --json` has always printed them."""
@@ -99,9 +106,14 @@ class Manifest:
             d |= {
                 "generation": self.generation,
                 "vector_files": list(self.vector_files),
-                "counts": {"indexed": self.counts.indexed, "skipped": self.counts.skipped},
+                "counts": {
+                    "indexed": self.counts.indexed,
+                    "skipped": self.counts.skipped,
+                    "next_id": self.counts.next_id,
+                },
                 "search_index": dict(self.search_index),
                 "committed": self.committed,
+                "history": [dict(h) for h in self.history],
             }
         return d
 
@@ -112,7 +124,15 @@ class Manifest:
         counts: Counts,
         search_index: dict[str, Any],
         when: str,
+        changes: dict[str, int] | None = None,
     ) -> Manifest:
+        """This manifest naming a new generation; `changes` (a sync's counts) go into its history."""
+        entry = {
+            "generation": generation,
+            "committed": when,
+            "indexed": counts.indexed,
+            "skipped": counts.skipped,
+        }
         return dataclasses.replace(
             self,
             generation=generation,
@@ -120,6 +140,7 @@ class Manifest:
             counts=counts,
             search_index=dict(search_index),
             committed=when,
+            history=(*self.history, entry | (changes or {}))[-HISTORY:],
         )
 
     def run_key(self) -> dict[str, Any]:
@@ -161,10 +182,15 @@ class Manifest:
             retrieve_version=d.get("retrieve_version", ""),
             generation=d["generation"],
             vector_files=tuple(d["vector_files"]),
-            counts=Counts(counts["indexed"], int(counts.get("skipped", 0))),
+            counts=Counts(
+                counts["indexed"],
+                int(counts.get("skipped", 0)),
+                int(counts.get("next_id", counts["indexed"])),
+            ),
             search_index=dict(d.get("search_index") or {"type": "exact"}),
             committed=d.get("committed", ""),
             format_version=version,
+            history=tuple(dict(h) for h in d.get("history") or () if isinstance(h, dict)),
         )
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from retrieval.errors import RetrieveError
-from retrieval.store.files import read_jsonl
+from retrieval.store.files import conform, read_jsonl
 from retrieval.store.manifest import MANIFEST, Manifest
-from retrieval.store.staging import Done
+from retrieval.store.staging import Done, Staging
 
 if TYPE_CHECKING:
     from retrieval.images import ImageFileEntry
@@ -27,7 +28,6 @@ _SETTING_WORDS = {
     "dim": "the dimension",
     "tta": "«tta»",
     "dtype": "«dtype»",
-    "layout": "the staging layout (another retrieve version)",
 }
 
 
@@ -39,6 +39,7 @@ class Base:
     folder: Path  # gen-NNNNNN
     done: dict[str, Done]  # path -> the file as it was when embedded (or ledgered)
     paths: frozenset[str]  # every path it holds, indexed or ledgered
+    rows: dict[str, tuple[int, str | None]]  # indexed path -> (its row, its content hash)
 
     @property
     def vector_files(self) -> list[Path]:
@@ -54,7 +55,8 @@ def committed_base(index_dir: Path, run_key: dict[str, Any]) -> Base | None:
         return None
     manifest = read_manifest(index_dir)
     theirs = manifest.run_key()
-    differ = [k for k in run_key if theirs.get(k) != run_key[k]]
+    # The staging layout is not the generation's format (`conform` reads every version of that).
+    differ = [k for k in run_key if k != "layout" and theirs.get(k) != run_key[k]]
     if differ:
         what = "; ".join(
             f"{_SETTING_WORDS.get(k, k)}: {_differs(theirs.get(k), run_key[k])}" for k in differ[:3]
@@ -64,15 +66,16 @@ def committed_base(index_dir: Path, run_key: dict[str, Any]) -> Base | None:
             "with new ones. Pass «rebuild» to replace it, or give another «index»."
         )
     folder = generation_dir(index_dir, manifest)
-    table = pq.read_table(folder / "metadata.parquet", columns=["path", "bytes", "mtime", "ctime"])
-    cols = [table.column(c).to_pylist() for c in ("path", "bytes", "mtime", "ctime")]
-    done = {p: Done(b, m, c) for p, b, m, c in zip(*cols, strict=True)}
+    table = conform(pq.read_table(folder / "metadata.parquet"))
+    cols = [table.column(c).to_pylist() for c in ("path", "bytes", "mtime", "ctime", "hash")]
+    done = {p: Done(b, m, c) for p, b, m, c, _ in zip(*cols, strict=True)}
+    rows = {p: (r, h) for r, (p, h) in enumerate(zip(cols[0], cols[4], strict=True))}
     for row in read_jsonl(folder / "skipped.jsonl"):
         # A file the scan could not even list (no stat recorded) is looked at again on every run.
         if row.get("bytes"):
             done[row["path"]] = Done(row["bytes"], row["mtime"], row.get("ctime", 0.0))
     paths = frozenset(cols[0]) | frozenset(r["path"] for r in read_jsonl(folder / "skipped.jsonl"))
-    return Base(manifest, folder, done, paths)
+    return Base(manifest, folder, done, paths, rows)
 
 
 def _differs(theirs: Any, ours: Any) -> str:
@@ -91,22 +94,29 @@ class SyncPlan:
     changed: list[str]
     removed: list[str]
     unchanged: int
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (old path, new path), same content
 
     @property
     def nothing_to_do(self) -> bool:
-        return not (self.added or self.changed or self.removed)
+        return not (self.added or self.changed or self.removed or self.renamed)
 
     def counts(self) -> dict[str, int]:
         return {
             "added": len(self.added),
             "changed": len(self.changed),
             "removed": len(self.removed),
+            "renamed": len(self.renamed),
             "unchanged": self.unchanged,
         }
 
 
-def plan_sync(entries: Sequence[ImageFileEntry], problems: Sequence[tuple[str, str]], base: Base) -> SyncPlan:
-    """Compare a scan with `base` by (size, mtime, ctime): no file is read."""
+def plan_sync(
+    entries: Sequence[ImageFileEntry], problems: Sequence[tuple[str, str]], base: Base, verify: bool = False
+) -> SyncPlan:
+    """Compare a scan with `base` by (size, mtime, ctime); content hashes only where a new file has
+    the size of a vanished one (a move), or for every file with `verify`."""
+    from retrieval.images import content_hash
+
     added, changed = [], []
     for e in entries:
         d = base.done.get(e.relpath)
@@ -114,9 +124,86 @@ def plan_sync(entries: Sequence[ImageFileEntry], problems: Sequence[tuple[str, s
             (changed if e.relpath in base.paths else added).append(e.relpath)
         elif (d.size, d.mtime, d.ctime) != (e.size, e.mtime, e.ctime):
             changed.append(e.relpath)
+        elif verify and e.relpath in base.rows and _hash(e, content_hash) != base.rows[e.relpath][1]:
+            changed.append(e.relpath)  # same size and times, other bytes (a copy made with cp -p)
     # The scan's own problems (unlisted files, broken links) are ledgered again every run.
     added += [p for p, _ in problems if p not in base.paths]
     present = {e.relpath for e in entries} | {p for p, _ in problems}
     removed = sorted(p for p in base.paths if p not in present)
-    unchanged = len(entries) + len(problems) - len(added) - len(changed)
-    return SyncPlan(added, changed, removed, unchanged)
+    renamed = _moves(entries, added, removed, base, content_hash)
+    moved_to, moved_from = {n for _, n in renamed}, {o for o, _ in renamed}
+    added = [p for p in added if p not in moved_to]
+    removed = [p for p in removed if p not in moved_from]
+    unchanged = len(entries) + len(problems) - len(added) - len(changed) - len(renamed)
+    return SyncPlan(added, changed, removed, unchanged, renamed)
+
+
+def _hash(e: ImageFileEntry, content_hash: Callable[[Path], str]) -> str | None:
+    try:
+        return content_hash(e.path)
+    except OSError:
+        return None  # unreadable now: the embedding pass ledgers it
+
+
+def _moves(
+    entries: Sequence[ImageFileEntry],
+    added: list[str],
+    removed: list[str],
+    base: Base,
+    content_hash: Callable[[Path], str],
+) -> list[tuple[str, str]]:
+    """(old, new) pairs of a vanished indexed file and a new one with its bytes. Only new files the
+    size of a vanished one are read, so a sync of added photos hashes nothing."""
+    by_size: dict[int, list[str]] = {}
+    for p in removed:
+        if p in base.rows and base.rows[p][1]:
+            by_size.setdefault(base.done[p].size, []).append(p)
+    if not by_size:
+        return []
+    by_path = {e.relpath: e for e in entries}
+    moves = []
+    for new in added:
+        e = by_path.get(new)
+        if e is None or e.size not in by_size:
+            continue
+        digest = _hash(e, content_hash)
+        old = next((o for o in by_size[e.size] if base.rows[o][1] == digest), None)
+        if old is not None:
+            by_size[e.size].remove(old)
+            moves.append((old, new))
+    return moves
+
+
+def stage_moves(
+    staging: Staging, base: Base, moves: list[tuple[str, str]], entries: Sequence[ImageFileEntry]
+) -> None:
+    """Stage each moved file under its new path with the vector of its old one: nothing is embedded."""
+    if not moves:
+        return
+    from retrieval.store.reader import ShardedVectors
+
+    table = conform(pq.read_table(base.folder / "metadata.parquet"))
+    by_path = {e.relpath: e for e in entries}
+    old_rows = [base.rows[o][0] for o, _ in moves]
+    vectors = ShardedVectors(base.vector_files, base.manifest.dim).take(np.asarray(old_rows, np.int64))
+    rows = []
+    for (_, new), r in zip(moves, old_rows, strict=True):
+        e, old = by_path[new], table.slice(r, 1).to_pylist()[0]
+        rows.append(
+            old | {"path": new, "label": e.label, "bytes": e.size, "mtime": e.mtime, "ctime": e.ctime}
+        )
+    staging.add(vectors, rows, [])
+
+
+def carried_over(
+    staging: Staging, base: Base, plan: SyncPlan, entries: Sequence[ImageFileEntry]
+) -> dict[str, Done]:
+    """What a sync need not embed: the base generation's files as they were (less those `--verify`
+    found changed), and the moved files, staged here with their old vectors."""
+    changed = set(plan.changed)
+    done = {p: d for p, d in base.done.items() if p not in changed}
+    if plan.renamed:
+        stage_moves(staging, base, plan.renamed, entries)
+        by_path = {e.relpath: e for e in entries}
+        done |= {n: Done(by_path[n].size, by_path[n].mtime, by_path[n].ctime) for _, n in plan.renamed}
+    return done
