@@ -141,7 +141,10 @@ class Index:
         record = self.manifest.search_index
         # Approximate kinds re-rank from the memory-mapped shards; exact search holds its vectors.
         rows = None if record.get("type", "exact") == "exact" else self.rows
-        return load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path), rows=rows)
+        index = load_index(self.dir / "index.faiss", self.metric, record, where=str(self.path), rows=rows)
+        if rows is not None and self._rows_by_id is not None:
+            index.attach(rows, self.ids)  # updated in place by a sync: FAISS holds the stable ids
+        return index
 
     @cached_property
     def rows(self):  # -> ShardedVectors

@@ -14,6 +14,7 @@ from retrieval.index.base import (
 )
 from retrieval.index.choose import build_search_index
 from retrieval.index.exact import ExactIndex, brute_force
+from retrieval.index.update import update_search_index
 
 __all__ = [
     "METRICS",
@@ -29,4 +30,5 @@ __all__ = [
     "drop_self",
     "load_index",
     "normalize_rows",
+    "update_search_index",
 ]

@@ -96,16 +96,31 @@ class FactoryIndex(FaissSized):
     def add(self, x: np.ndarray, ids: np.ndarray | None = None) -> None:
         """Append rows with `ids` (default: continuing from the last id)."""
         block = self._prepare(x)
+        start = getattr(self, "next_id_", 0)  # a loaded index is added to with the ids given
         if ids is None:
-            ids = np.arange(self.next_id_, self.next_id_ + len(block), dtype=np.int64)
+            ids = np.arange(start, start + len(block), dtype=np.int64)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.index_.add_with_ids(block, ids)
-        self.next_id_ = max(self.next_id_, int(ids.max(initial=-1)) + 1)
+        self.next_id_ = max(start, int(ids.max(initial=-1)) + 1)
 
-    def attach(self, rows: RowSource) -> FactoryIndex:
-        """Where re-ranking and `reconstruct` read the stored vectors (row i holds id i)."""
+    def attach(self, rows: RowSource, ids: np.ndarray | None = None) -> FactoryIndex:
+        """Where re-ranking and `reconstruct` read the stored vectors; `ids` is each row's FAISS id
+        (default: row i holds id i, as a first build adds them). After a sync updated the index in
+        place, ids are the stable ids and answers are turned back into rows."""
         self.rows_ = rows
+        self.row_of_ = None
+        if ids is not None and not np.array_equal(ids, np.arange(len(ids))):
+            row_of = np.full(int(ids.max(initial=-1)) + 2, -1, np.int64)  # the last slot: -1 stays -1
+            row_of[ids] = np.arange(len(ids))
+            self.row_of_ = row_of
         return self
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove these FAISS ids (a sync's removed and changed files); how many were found."""
+        import faiss
+
+        ids = np.ascontiguousarray(ids, np.int64)
+        return int(self.index_.remove_ids(faiss.IDSelectorBatch(ids))) if len(ids) else 0
 
     # -- reading ------------------------------------------------------------------------------
     def set_params(self, **params: Any) -> FactoryIndex:
@@ -135,6 +150,8 @@ class FactoryIndex(FaissSized):
         depth = min(self.ntotal, k * int(self.params.get("rerank", 1))) if refine else k
         dist, ids = self.index_.search(xq, max(depth, k))
         ids = ids.astype(np.int64)
+        if getattr(self, "row_of_", None) is not None:
+            ids = self.row_of_[np.where((ids >= 0) & (ids < len(self.row_of_)), ids, -1)]
         if refine and getattr(self, "rows_", None) is not None:
             dist, ids = self._rerank(xq, ids)
         elif self.metric == "l2":
@@ -185,19 +202,29 @@ class FactoryIndex(FaissSized):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, *, metric: str, record: dict[str, Any], rows: RowSource | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        metric: str,
+        record: dict[str, Any],
+        rows: RowSource | None = None,
+        writable: bool = False,
     ) -> FactoryIndex:
-        """Open memory-mapped: the inverted lists stay on disk until a query touches them."""
+        """Open memory-mapped: the inverted lists stay on disk until a query touches them (read
+        into memory instead when `writable`, for a sync that updates it)."""
         import faiss
 
         obj = cls(factory=str(record.get("factory", "")), metric=metric, params=record.get("params"))
+        flags = 0 if writable else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
         try:
-            obj.index_ = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            obj.index_ = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise RetrieveError(f"cannot read FAISS index {path}: {first_line(exc)}") from None
         obj.d_ = obj.dim
         obj.tuning_ = {
-            k: v for k, v in record.items() if k not in ("type", "factory", "params", "trained_on")
+            k: v
+            for k, v in record.items()
+            if k not in ("type", "factory", "params", "trained_on", "settings")
         }
         obj.trained_on_ = int(record.get("trained_on", 0))
         if rows is not None:

@@ -27,12 +27,17 @@ KMEANS_ITER = 10  # 10 Lloyd rounds: most of the gain of FAISS's 25 at 40% of th
 
 
 def build_search_index(
-    rows: RowSource, metric: str, config: SearchConfig, progress: Progress | None = None
+    rows: RowSource,
+    metric: str,
+    config: SearchConfig,
+    progress: Progress | None = None,
+    ids: np.ndarray | None = None,
 ) -> VectorIndex:
     """Fit the search index `config` asks for over `rows`, measured and with its operating point set.
 
     `rows` are read block by block (memory-mapped shards): the build holds the index being
-    measured, one training sample and one block, never every vector at once.
+    measured, one training sample and one block, never every vector at once. An approximate index
+    holds `ids` (each row's stable id; default: the rows), which a later sync removes and adds by.
     """
     progress = progress or Progress()
     n = len(rows)
@@ -67,7 +72,7 @@ def build_search_index(
     centroids: dict[int, np.ndarray] = {}
     tried: list[tuple[Candidate, Point]] = []
     for cand in fits:
-        index = _fit(cand, rows, metric, sample, centroids, config.seed, progress)
+        index = _fit(cand, rows, metric, sample, centroids, config.seed, progress, ids)
         points = sweep(index, rows, truth, lossy=cand.lossy)
         best, ok = operating_point(index, points, truth, config.min_recall, config.max_latency_ms)
         progress.note(
@@ -75,7 +80,7 @@ def build_search_index(
             f"~{format_size(cand.bytes)}"
         )
         if ok or mode.lower() not in ("auto", "approximate"):
-            index.tuning_ = best.record(len(truth.ids)) | {"min_recall": config.min_recall}
+            index.tuning_ = best.record(len(truth.ids)) | {"min_recall": config.min_recall, "built_with": n}
             if not ok:
                 progress.warn(
                     f"{cand.factory} reaches recall@10 {best.recall:.3f} at best, below the "
@@ -147,6 +152,7 @@ def _fit(
     centroids: dict[int, np.ndarray],
     seed: int,
     progress: Progress,
+    ids: np.ndarray | None = None,
 ) -> FactoryIndex:
     """Train `cand` (k-means lists shared across candidates of the same size) and add every row."""
     index = FactoryIndex(factory=cand.factory, metric=metric)
@@ -157,11 +163,13 @@ def _fit(
         quantizer = _flat(centroids[cand.nlist], metric)
     index.train(sample, quantizer=quantizer)
     progress.start(len(rows), 0, f"adding to {cand.factory}")
+    start = 0
     for block in rows.blocks():
-        index.add(block)
+        index.add(block, None if ids is None else ids[start : start + len(block)])
+        start += len(block)
         progress.advance(len(block))
     progress.stop()
-    return index.attach(rows)
+    return index.attach(rows, ids)
 
 
 def _kmeans(sample: np.ndarray, k: int, metric: str, seed: int) -> np.ndarray:

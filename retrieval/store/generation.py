@@ -172,7 +172,7 @@ def commit(
     the index and one training sample, not the vectors. `base` (a sync) is the live generation:
     its rows count as staged before every shard, so unchanged files keep their vectors.
     """
-    from retrieval.index import build_search_index
+    from retrieval.index import build_search_index, update_search_index
 
     staging.flush()
     shard_paths = staging.shards()
@@ -196,12 +196,28 @@ def commit(
     vector_files = _write_vectors(selection, arrays, manifest.dim, shard_rows, tmp)
     rows = ShardedVectors([tmp / f for f in vector_files], manifest.dim)
     search = search or SearchConfig(search="exact")
-    index = build_search_index(rows, manifest.metric, search, progress)
+    ids, next_id = _stable_ids(selection.rows, base)
+    index = None
+    prior = base.manifest.search_index if base is not None else {}
+    if prior.get("type") == "faiss" and prior.get("settings") == asdict(search):
+        # Unchanged rows came from the base generation under their ids: the index keeps them.
+        carried = selection.shard == 0
+        index = update_search_index(
+            base.folder / "index.faiss",
+            base.manifest.search_index,
+            rows,
+            ids,
+            carried,
+            manifest.metric,
+            search,
+            progress,
+        )
+    if index is None:
+        index = build_search_index(rows, manifest.metric, search, progress, ids)
     index.save(tmp / "index.faiss")
     with open(tmp / "index.faiss", "rb+") as fh:  # FAISS writes it directly: make it durable too
         os.fsync(fh.fileno())
     bytes_per_vector = round(os.path.getsize(tmp / "index.faiss") / len(rows), 1)
-    ids, next_id = _stable_ids(selection.rows, base)
     write_parquet(tmp / "metadata.parquet", selection.rows.add_column(0, "id", pa.array(ids)))
     write_jsonl(tmp / "skipped.jsonl", selection.skipped)
     os.replace(tmp, index_dir / name)
