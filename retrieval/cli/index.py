@@ -102,12 +102,19 @@ def index_cli(
         bool,
         typer.Option("--dry-run", help="Say what a sync would add, change and remove; write nothing."),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Also hash files whose size and times agree (reads every file: slower)."
+        ),
+    ] = False,
 ) -> None:
     """Embed every image under IMAGES and write a FAISS index; run again, it syncs the index.
 
     A second run over the same folder embeds only the files added or changed since (by size, mtime
-    and ctime: no file is read to find them) and drops the removed ones; with nothing changed it
-    reads no image and writes nothing. Other settings (backbone, weights, layer, --tta, ...) are
+    and ctime: no file is read to find them), keeps a moved file's vector and id (found by its
+    content hash) and drops the removed ones; with nothing changed it reads no image and writes
+    nothing. Other settings (backbone, weights, layer, --tta, ...) are
     refused rather than mixed: pass --rebuild or another --index. Bad files are skipped and listed in
     the index's ledger. Interrupting is safe: the previous index stays readable and re-running the
     same command resumes where it stopped.
@@ -163,6 +170,7 @@ def index_cli(
         flush_seconds=flush_seconds,
         search=search_config,
         rebuild=rebuild,
+        verify=verify,
     )
     if dry_run:
         return _dry_run(config)
@@ -191,7 +199,13 @@ def _dry_run(config) -> None:  # config: IndexConfig
         why = "--rebuild" if config.rebuild else f"no index at {esc(config.index)} yet"
         err_console.print(f"{why}: every image would be embedded", highlight=False)
         return
-    for what, paths in (("added", plan.added), ("changed", plan.changed), ("removed", plan.removed)):
+    moved = [f"{old} -> {new}" for old, new in plan.renamed]
+    for what, paths in (
+        ("added", plan.added),
+        ("changed", plan.changed),
+        ("removed", plan.removed),
+        ("moved", moved),
+    ):
         console.print(f"[bold]{what}[/] {len(paths):,}", highlight=False)
         for path in paths[:10]:
             console.print(f"  {esc(path)}", highlight=False)
