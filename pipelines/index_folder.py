@@ -254,11 +254,7 @@ def _to_do(
     done = {**carried, **staged}  # a staged entry is newer than the generation's
 
     def handled(e: ImageFileEntry, done: dict) -> bool:
-        return (d := done.get(e.relpath)) is not None and (d.size, d.mtime, d.ctime) == (
-            e.size,
-            e.mtime,
-            e.ctime,
-        )
+        return (d := done.get(e.relpath)) is not None and d.matches(e)
 
     todo = [e for e in entries if not handled(e, done)]
     reused = sum(handled(e, staged) for e in entries) if staged else 0

@@ -100,7 +100,13 @@ def test_corpus_indexes_good_files_and_ledgers_bad_ones(tmp_path: Path) -> None:
     import pandas as pd
 
     df = pd.read_parquet(idx.dir / "metadata.parquet")
-    assert list(df.columns) == ["id", "path", "label", "width", "height", "bytes", "mtime", "ctime", "hash"]
+    assert list(df.columns) == [
+        *("id", "path", "label", "width", "height", "bytes", "mtime", "ctime", "inode", "mtime_ns", "hash")
+    ]
+    st = (idx.root / "good" / "rgb.jpg").stat()
+    assert df.loc[df.path == "good/rgb.jpg", ["inode", "mtime_ns"]].values.tolist() == [
+        [st.st_ino, st.st_mtime_ns]
+    ]
     import hashlib  # the content hash a sync knows a moved file by: blake2b-128 of its bytes
 
     rgb = (idx.root / "good" / "rgb.jpg").read_bytes()

@@ -257,3 +257,23 @@ def test_history_verify_and_the_map_follow_a_sync(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     html = page.read_text()
     assert "fresh.png" in html and "star/0002.png" not in html
+
+
+def test_a_file_is_the_same_only_with_its_size_times_and_inode(tmp_path: Path) -> None:
+    from retrieval.images import file_row, scan
+    from retrieval.store import Done
+
+    _image(tmp_path / "a" / "x.png", 1)
+    (e,), _ = scan(tmp_path)
+    recorded = Done.of(file_row(e))
+    assert recorded.matches(e) and e.inode and e.mtime_ns
+    for field, value in (
+        ("inode", e.inode + 1),
+        ("mtime_ns", e.mtime_ns + 1),
+        ("size", e.size + 1),
+        ("ctime", 0.5),
+    ):
+        assert not dataclasses.replace(recorded, **{field: value}).matches(e), field
+    # A row recorded before inodes and nanoseconds were: compared by what it has.
+    old = Done(e.size, e.mtime, e.ctime)
+    assert old.matches(e) and not dataclasses.replace(old, mtime=e.mtime + 1).matches(e)

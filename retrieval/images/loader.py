@@ -45,7 +45,15 @@ class Batch:
 
 def file_row(e: ImageFileEntry) -> dict[str, Any]:
     """The metadata every row has, read or skipped: what the resume key compares."""
-    return {"path": e.relpath, "label": e.label, "bytes": e.size, "mtime": e.mtime, "ctime": e.ctime}
+    return {
+        "path": e.relpath,
+        "label": e.label,
+        "bytes": e.size,
+        "mtime": e.mtime,
+        "ctime": e.ctime,
+        "inode": e.inode or None,
+        "mtime_ns": e.mtime_ns or None,
+    }
 
 
 class ImageDataset(Dataset):

@@ -24,6 +24,8 @@ class ImageFileEntry:
     # Status change time: a rename, `mv` over the file or `touch -r` moves it even when size and
     # mtime stay (files swapped by name, copies made with `cp -p`), so resume re-embeds them.
     ctime: float = 0.0
+    inode: int = 0  # 0: unknown (a file system without them)
+    mtime_ns: int = 0
 
 
 def label_of(relpath: str, root: Path) -> str:
@@ -89,7 +91,16 @@ def scan(root: str | os.PathLike) -> tuple[list[ImageFileEntry], list[tuple[str,
                 problems.append((shown, "file name is not valid UTF-8: rename it to index it"))
                 continue
             entries.append(
-                ImageFileEntry(path, rel, label_of(rel, root), st.st_size, st.st_mtime, st.st_ctime)
+                ImageFileEntry(
+                    path,
+                    rel,
+                    label_of(rel, root),
+                    st.st_size,
+                    st.st_mtime,
+                    st.st_ctime,
+                    st.st_ino,
+                    st.st_mtime_ns,
+                )
             )
         for sub in subdirs:
             walk(sub)

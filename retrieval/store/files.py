@@ -22,6 +22,10 @@ METADATA_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("mtime", pa.float64()),
         ("ctime", pa.float64()),
+        # Where the file system gives them (null before they were recorded): a file replaced by
+        # `mv` has another inode, and mtime in float seconds loses the nanoseconds.
+        ("inode", pa.int64()),
+        ("mtime_ns", pa.int64()),
         # blake2b-128 of the file's bytes, hex: a sync knows a moved file by it ("" for vectors
         # given with --vectors, null in generations made before it existed).
         ("hash", pa.string()),

@@ -8,25 +8,47 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retrieval.atomic import write_json
-from retrieval.store.files import METADATA_SCHEMA, read_jsonl, write_jsonl, write_npy, write_parquet
+from retrieval.store.files import METADATA_SCHEMA, conform, read_jsonl, write_jsonl, write_npy, write_parquet
+
+if TYPE_CHECKING:
+    from retrieval.images import ImageFileEntry
 
 STAGING = ".staging"
 
 
 @dataclass(frozen=True)
 class Done:
-    """A file the staging area has already handled (embedded or skipped), keyed by relpath."""
+    """A file already handled (embedded or ledgered) as it was then, keyed by relpath."""
 
     size: int
     mtime: float
     ctime: float
+    inode: int | None = None  # None: recorded before inodes were
+    mtime_ns: int | None = None
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Done:
+        """From a metadata or ledger row (of any version: missing fields are unknown)."""
+        return cls(row["bytes"], row["mtime"], row.get("ctime") or 0.0, row.get("inode"), row.get("mtime_ns"))
+
+    def matches(self, e: ImageFileEntry) -> bool:
+        """Whether `e` is still that file: size, ctime, mtime (in ns where both know it) and inode
+        (where both know it). A file replaced by `mv`, copied over or touched fails one of them."""
+        if (self.size, self.ctime) != (e.size, e.ctime):
+            return False
+        if self.mtime_ns is not None and e.mtime_ns:
+            if self.mtime_ns != e.mtime_ns:
+                return False
+        elif self.mtime != e.mtime:
+            return False
+        return self.inode is None or not e.inode or self.inode == e.inode
 
 
 class Staging:
@@ -67,16 +89,16 @@ class Staging:
         write_json(key_file, self.key)
         done: dict[str, Done] = {}
         for shard in self.shards():
-            cols = ("path", "bytes", "mtime", "ctime")
-            table = pq.read_table(shard.with_suffix(".parquet"), columns=list(cols))
-            for p, b, m, c in zip(*(table.column(c).to_pylist() for c in cols), strict=True):
-                done[p] = Done(b, m, c)
+            cols = ["path", "bytes", "mtime", "ctime", "inode", "mtime_ns"]
+            table = conform(pq.read_table(shard.with_suffix(".parquet"))).select(cols)
+            for row in table.to_pylist():
+                done[row["path"]] = Done.of(row)
             for row in read_jsonl(shard.with_suffix(".skipped.jsonl")):
                 if row.get("crash"):
                     # It crashed the decoder: decoded again, in case the machine was at fault.
                     done.pop(row["path"], None)
                     continue
-                done[row["path"]] = Done(row["bytes"], row["mtime"], row.get("ctime", 0.0))
+                done[row["path"]] = Done.of(row)
         self._next = 1 + max((int(s.stem.split("-")[1]) for s in self.shards()), default=-1)
         return done
 

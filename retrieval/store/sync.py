@@ -67,15 +67,16 @@ def committed_base(index_dir: Path, run_key: dict[str, Any]) -> Base | None:
         )
     folder = generation_dir(index_dir, manifest)
     table = conform(pq.read_table(folder / "metadata.parquet"))
-    cols = [table.column(c).to_pylist() for c in ("path", "bytes", "mtime", "ctime", "hash")]
-    done = {p: Done(b, m, c) for p, b, m, c, _ in zip(*cols, strict=True)}
-    rows = {p: (r, h) for r, (p, h) in enumerate(zip(cols[0], cols[4], strict=True))}
-    for row in read_jsonl(folder / "skipped.jsonl"):
+    listed = table.select(["path", "bytes", "mtime", "ctime", "inode", "mtime_ns"]).to_pylist()
+    done = {row["path"]: Done.of(row) for row in listed}
+    paths, hashes = table.column("path").to_pylist(), table.column("hash").to_pylist()
+    rows = {p: (r, h) for r, (p, h) in enumerate(zip(paths, hashes, strict=True))}
+    ledger = read_jsonl(folder / "skipped.jsonl")
+    for row in ledger:
         # A file the scan could not even list (no stat recorded) is looked at again on every run.
         if row.get("bytes"):
-            done[row["path"]] = Done(row["bytes"], row["mtime"], row.get("ctime", 0.0))
-    paths = frozenset(cols[0]) | frozenset(r["path"] for r in read_jsonl(folder / "skipped.jsonl"))
-    return Base(manifest, folder, done, paths, rows)
+            done[row["path"]] = Done.of(row)
+    return Base(manifest, folder, done, frozenset(paths) | frozenset(r["path"] for r in ledger), rows)
 
 
 def _differs(theirs: Any, ours: Any) -> str:
@@ -122,7 +123,7 @@ def plan_sync(
         d = base.done.get(e.relpath)
         if d is None:
             (changed if e.relpath in base.paths else added).append(e.relpath)
-        elif (d.size, d.mtime, d.ctime) != (e.size, e.mtime, e.ctime):
+        elif not d.matches(e):
             changed.append(e.relpath)
         elif verify and e.relpath in base.rows and _hash(e, content_hash) != base.rows[e.relpath][1]:
             changed.append(e.relpath)  # same size and times, other bytes (a copy made with cp -p)
@@ -180,6 +181,7 @@ def stage_moves(
     """Stage each moved file under its new path with the vector of its old one: nothing is embedded."""
     if not moves:
         return
+    from retrieval.images import file_row
     from retrieval.store.reader import ShardedVectors
 
     table = conform(pq.read_table(base.folder / "metadata.parquet"))
@@ -189,9 +191,7 @@ def stage_moves(
     rows = []
     for (_, new), r in zip(moves, old_rows, strict=True):
         e, old = by_path[new], table.slice(r, 1).to_pylist()[0]
-        rows.append(
-            old | {"path": new, "label": e.label, "bytes": e.size, "mtime": e.mtime, "ctime": e.ctime}
-        )
+        rows.append(old | file_row(e))
     staging.add(vectors, rows, [])
 
 
@@ -203,7 +203,9 @@ def carried_over(
     changed = set(plan.changed)
     done = {p: d for p, d in base.done.items() if p not in changed}
     if plan.renamed:
+        from retrieval.images import file_row
+
         stage_moves(staging, base, plan.renamed, entries)
         by_path = {e.relpath: e for e in entries}
-        done |= {n: Done(by_path[n].size, by_path[n].mtime, by_path[n].ctime) for _, n in plan.renamed}
+        done |= {n: Done.of(file_row(by_path[n])) for _, n in plan.renamed}
     return done
