@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -116,8 +117,13 @@ def _recall(index) -> float:
 
 @pytest.mark.parametrize("search", ["exact", "IVF4,Flat"])
 def test_random_changes_synced_equal_a_rebuild_and_embed_only_what_changed(
-    tmp_path: Path, search: str
+    tmp_path: Path, search: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from retrieval.index import update
+
+    # 32 files changing one or two a step: a looser drift limit lets several syncs update the
+    # approximate index in place before one trains it again, so both paths are checked.
+    monkeypatch.setattr(update, "DRIFT", 0.25)
     images, idx = _folder(tmp_path), tmp_path / "idx"
     config = SearchConfig(search=search, min_recall=0.5)
     build_index(_cfg(images, idx, search=config))
@@ -277,3 +283,29 @@ def test_a_file_is_the_same_only_with_its_size_times_and_inode(tmp_path: Path) -
     # A row recorded before inodes and nanoseconds were: compared by what it has.
     old = Done(e.size, e.mtime, e.ctime)
     assert old.matches(e) and not dataclasses.replace(old, mtime=e.mtime + 1).matches(e)
+
+
+def test_a_touched_file_keeps_its_vector_and_a_rewritten_one_is_embedded(tmp_path: Path) -> None:
+    images, idx = _folder(tmp_path), tmp_path / "idx"
+    build_index(_cfg(images, idx))
+    touched, rewritten = images / "train" / "arrow" / "0001.png", images / "train" / "ring" / "0002.png"
+    os.utime(touched, (1_000_000, 1_000_000))  # new times, same bytes
+    _image(rewritten, 99)  # new bytes under the same name
+    plan = plan_index(_cfg(images, idx))
+    assert plan.touched == ["train/arrow/0001.png"] and plan.changed == ["train/ring/0002.png"]
+    before = open_index(idx)
+    old_vector = np.array(before.vectors()[before.id_of("train/arrow/0001.png")])
+    report = build_index(_cfg(images, idx))
+    assert report.embedded == 1 and report.sync["unchanged"] == 31
+    after = open_index(idx)
+    row = after.id_of("train/arrow/0001.png")
+    np.testing.assert_array_equal(after.vectors()[row], old_vector)
+    assert after.metadata.column("mtime").to_pylist()[row] == 1_000_000  # the new times are recorded
+    assert build_index(_cfg(images, idx)).sync == {
+        "added": 0,
+        "changed": 0,
+        "removed": 0,
+        "renamed": 0,
+        "unchanged": 32,
+    }  # so the next sync has nothing to do
+    _same_as_rebuild(idx, images, tmp_path / "scratch", SearchConfig())

@@ -96,10 +96,13 @@ class SyncPlan:
     removed: list[str]
     unchanged: int
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (old path, new path), same content
+    # Indexed files whose size or times moved but whose bytes did not (touched, copied back):
+    # counted unchanged, and kept with their vector under the new times, not embedded again.
+    touched: list[str] = field(default_factory=list)
 
     @property
     def nothing_to_do(self) -> bool:
-        return not (self.added or self.changed or self.removed or self.renamed)
+        return not (self.added or self.changed or self.removed or self.renamed or self.touched)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -114,18 +117,20 @@ class SyncPlan:
 def plan_sync(
     entries: Sequence[ImageFileEntry], problems: Sequence[tuple[str, str]], base: Base, verify: bool = False
 ) -> SyncPlan:
-    """Compare a scan with `base` by (size, mtime, ctime); content hashes only where a new file has
-    the size of a vanished one (a move), or for every file with `verify`."""
+    """Compare a scan with `base` by (size, mtime, ctime, inode); content hashes only where those
+    disagree (a touched file keeps its vector), where a new file has the size of a vanished one (a
+    move), or for every file with `verify`."""
     from retrieval.images import content_hash
 
-    added, changed = [], []
+    added, changed, touched = [], [], []
     for e in entries:
-        d = base.done.get(e.relpath)
+        d, known = base.done.get(e.relpath), base.rows.get(e.relpath, (0, None))[1]
         if d is None:
             (changed if e.relpath in base.paths else added).append(e.relpath)
         elif not d.matches(e):
-            changed.append(e.relpath)
-        elif verify and e.relpath in base.rows and _hash(e, content_hash) != base.rows[e.relpath][1]:
+            same = known is not None and d.size == e.size and _hash(e, content_hash) == known
+            (touched if same else changed).append(e.relpath)
+        elif verify and e.relpath in base.rows and _hash(e, content_hash) != known:
             changed.append(e.relpath)  # same size and times, other bytes (a copy made with cp -p)
     # The scan's own problems (unlisted files, broken links) are ledgered again every run.
     added += [p for p, _ in problems if p not in base.paths]
@@ -136,7 +141,7 @@ def plan_sync(
     added = [p for p in added if p not in moved_to]
     removed = [p for p in removed if p not in moved_from]
     unchanged = len(entries) + len(problems) - len(added) - len(changed) - len(renamed)
-    return SyncPlan(added, changed, removed, unchanged, renamed)
+    return SyncPlan(added, changed, removed, unchanged, renamed, touched)
 
 
 def _hash(e: ImageFileEntry, content_hash: Callable[[Path], str]) -> str | None:
@@ -202,10 +207,12 @@ def carried_over(
     found changed), and the moved files, staged here with their old vectors."""
     changed = set(plan.changed)
     done = {p: d for p, d in base.done.items() if p not in changed}
-    if plan.renamed:
+    # Moved and touched files: their old vector under their new path and times.
+    kept = plan.renamed + [(p, p) for p in plan.touched]
+    if kept:
         from retrieval.images import file_row
 
-        stage_moves(staging, base, plan.renamed, entries)
+        stage_moves(staging, base, kept, entries)
         by_path = {e.relpath: e for e in entries}
-        done |= {n: Done.of(file_row(by_path[n])) for _, n in plan.renamed}
+        done |= {n: Done.of(file_row(by_path[n])) for _, n in kept}
     return done
