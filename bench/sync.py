@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--backbone", default="lenet")
     ap.add_argument("--search", default="auto", help="the index's --search (auto: approximate from 100k)")
+    ap.add_argument(
+        "--dtype", default="float32", help="auto: bf16 where the CPU has it (the default of index)"
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/sync-bench"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,7 @@ def main() -> None:
     shutil.rmtree(live, ignore_errors=True)
     shutil.copytree(root, live, ignore=shutil.ignore_patterns(".complete"))
     weights = "none" if args.backbone != "pixels" else None
-    common = {"backbone": args.backbone, "dtype": "float32", "search": SearchConfig(search=args.search)}
+    common = {"backbone": args.backbone, "dtype": args.dtype, "search": SearchConfig(search=args.search)}
     if weights:
         common["weights"] = weights
     synced, rebuilt = args.work / "idx-sync", args.work / "idx-rebuild"
