@@ -17,20 +17,10 @@ from retrieval.api import open_index
 from retrieval.cli import app
 from retrieval.config import IndexConfig, SearchConfig
 from retrieval.errors import RetrieveError
-from retrieval.progress import Progress
 from retrieval.samples import SampleConfig, make_samples
+from tests.test_store import _InterruptAfter  # Ctrl-C once n files are handled
 
 runner = CliRunner()
-
-
-class _InterruptAfter(Progress):
-    def __init__(self, n: int) -> None:
-        self.n, self.seen = n, 0
-
-    def advance(self, n: int) -> None:
-        self.seen += n
-        if self.seen >= self.n:
-            raise KeyboardInterrupt
 
 
 def _folder(tmp_path: Path) -> Path:

@@ -103,39 +103,23 @@ def _ranked_per_query(
     R, and the number of queries with exactly tied distances among their first ks[-1] + 1."""
     limit = len(db) - (1 if loo else 0)
     depth = min(max(ks[-1], int(n_rel.max(initial=0))), limit)
-    per_query, tied = _ranked_at(
-        depth, db, db_codes, q_vecs, q_codes, n_rel, ks, metric, loo, names, searcher
-    )
+
+    def ranked_at(depth: int) -> tuple[dict[str, np.ndarray], int]:
+        """Per query metrics from neighbours `depth` deep (those beyond it count as misses)."""
+        per_query: dict[str, np.ndarray] = {n: np.zeros(len(q_vecs)) for n in names}
+        tied = 0
+        for rows, dist, ids in search_in_blocks(db, q_vecs, depth, metric, loo, searcher):
+            tied += count_tied(dist, ks[-1])
+            for n, values in ranked_metrics(ids, q_codes[rows], n_rel[rows], db_codes, ks).items():
+                per_query[n][rows] = values
+        return per_query, tied
+
+    per_query, tied = ranked_at(depth)
     if searcher is not None and depth > min(ks[-1], limit):
         # An approximate index re-ranks a candidate pool that grows with the depth asked for: the
         # cut-off metrics come from a search as deep as the largest k, as a user's query gets them.
-        at_k, tied = _ranked_at(
-            min(ks[-1], limit), db, db_codes, q_vecs, q_codes, n_rel, ks, metric, loo, names, searcher
-        )
+        at_k, tied = ranked_at(min(ks[-1], limit))
         per_query |= {n: v for n, v in at_k.items() if n.startswith(("P@", "R@", "kNN@"))}
-    return per_query, tied
-
-
-def _ranked_at(
-    depth: int,
-    db: np.ndarray,
-    db_codes: np.ndarray,
-    q_vecs: np.ndarray,
-    q_codes: np.ndarray,
-    n_rel: np.ndarray,
-    ks: list[int],
-    metric: str,
-    loo: bool,
-    names: Sequence[str],
-    searcher: VectorIndex | None,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Per query metrics from neighbours `depth` deep (those beyond it count as misses)."""
-    per_query: dict[str, np.ndarray] = {n: np.zeros(len(q_vecs)) for n in names}
-    tied = 0
-    for rows, dist, ids in search_in_blocks(db, q_vecs, depth, metric, loo, searcher):
-        tied += count_tied(dist, ks[-1])
-        for n, values in ranked_metrics(ids, q_codes[rows], n_rel[rows], db_codes, ks).items():
-            per_query[n][rows] = values
     return per_query, tied
 
 

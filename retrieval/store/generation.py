@@ -107,9 +107,8 @@ def _stable_ids(rows: pa.Table, base: Base | None) -> tuple[np.ndarray, int]:
 
     if base is None:
         return np.arange(len(rows), dtype=np.int64), len(rows)
-    meta = conform(pq.read_table(base.folder / "metadata.parquet")).append_column(
-        "id", pq.read_table(base.folder / "metadata.parquet", columns=["id"])["id"]
-    )
+    table = pq.read_table(base.folder / "metadata.parquet")  # read once: the ids and the rest
+    meta = conform(table).append_column("id", table["id"])
     base_ids = meta["id"].to_numpy()
     at = pc.fill_null(pc.index_in(rows["path"], value_set=meta["path"]), -1).to_numpy()
     ids = np.where(at >= 0, base_ids[np.maximum(at, 0)], -1)
