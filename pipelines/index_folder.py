@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,7 @@ from retrieval.errors import EmptyInputError, NoSpaceError, RetrieveError
 from retrieval.paths import user_path
 from retrieval.progress import Progress
 from retrieval.store.space import build_bytes, check_room, free_bytes, is_no_space, no_space
+from retrieval.store.sync import built_with
 
 if TYPE_CHECKING:
     from retrieval.backbones import Backbone
@@ -44,7 +45,7 @@ class IndexReport:
     dim: int
     stages: dict[str, float] = field(default_factory=dict)
     skipped_reasons: dict[str, int] = field(default_factory=dict)
-    sync: dict[str, int] | None = None  # added, changed, removed, unchanged: a run over an index
+    sync: dict[str, int] | None = None  # added, changed, removed, renamed, unchanged: a run over an index
 
     @property
     def images_per_second(self) -> float:
@@ -292,7 +293,7 @@ def _build_index(
     # Staged shards are reused only by a run that would compute the same vectors.
     staging = Staging(index_dir, manifest.run_key(), config.shard_rows, config.flush_seconds)
     # Nothing to do only when no interrupted run waits and the search index asked for is the same.
-    same_search = base is not None and base.manifest.search_index.get("settings") == asdict(config.search)
+    same_search = base is not None and built_with(base.manifest.search_index, config.search)
     if plan is not None and plan.nothing_to_do and same_search and not staging.dir.exists():
         progress.note("up to date: nothing added, changed or removed (no image read, no new generation)")
         return _report(index_dir, base.manifest, 0, t0, mapper, timer, plan)

@@ -22,6 +22,7 @@ from retrieval.store.files import METADATA_SCHEMA, conform, read_jsonl, write_js
 from retrieval.store.manifest import GENERATION, MANIFEST, Counts, Manifest
 from retrieval.store.reader import ShardedVectors
 from retrieval.store.staging import Staging
+from retrieval.store.sync import built_with
 
 if TYPE_CHECKING:
     from retrieval.progress import Progress
@@ -198,7 +199,7 @@ def commit(
     ids, next_id = _stable_ids(selection.rows, base)
     index = None
     prior = base.manifest.search_index if base is not None else {}
-    if prior.get("type") == "faiss" and prior.get("settings") == asdict(search):
+    if prior.get("type") == "faiss" and built_with(prior, search):
         # Unchanged rows came from the base generation under their ids: the index keeps them.
         carried = selection.shard == 0
         index = update_search_index(

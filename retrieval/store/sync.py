@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from retrieval.config import SearchConfig
 from retrieval.errors import RetrieveError
 from retrieval.store.files import conform, read_jsonl
 from retrieval.store.manifest import MANIFEST, Manifest
@@ -77,6 +78,12 @@ def committed_base(index_dir: Path, run_key: dict[str, Any]) -> Base | None:
         if row.get("bytes"):
             done[row["path"]] = Done.of(row)
     return Base(manifest, folder, done, frozenset(paths) | frozenset(r["path"] for r in ledger), rows)
+
+
+def built_with(record: dict[str, Any], search: SearchConfig) -> bool:
+    """Whether a generation's search index (its manifest record) was asked for with `search`
+    (generations from before the settings were recorded: no)."""
+    return record.get("settings") == asdict(search)
 
 
 def _differs(theirs: Any, ours: Any) -> str:
