@@ -113,7 +113,7 @@ class Index:
         return self.manifest.counts.indexed
 
     def vectors(self) -> np.ndarray:
-        """All vectors, rows in id order (memory-mapped when the index has one shard; read once)."""
+        """All vectors, rows in path order, `ids[i]` row i's id (memory-mapped when the index has one shard; read once)."""
         return self._vectors
 
     @cached_property

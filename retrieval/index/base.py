@@ -65,7 +65,7 @@ class FaissSized:
 
 
 class RowSource(Protocol):
-    """Stored vectors by id (row i is id i): an array, or the generation's memory-mapped shards."""
+    """Stored vectors by row: an array, or the generation's memory-mapped shards."""
 
     def __len__(self) -> int: ...
     def take(self, ids: np.ndarray) -> np.ndarray: ...

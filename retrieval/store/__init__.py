@@ -4,8 +4,9 @@ Layout of an index directory:
 
     manifest.json           the commit point: names the live generation; replaced atomically
     gen-000001/             one complete, immutable generation
-        vectors-00000.npy   float32 vector shards, rows in id order
-        metadata.parquet    id, path (relative to root), label, width, height, bytes, mtime, ctime
+        vectors-00000.npy   float32 vector shards, rows in path order
+        metadata.parquet    id (stable across syncs), path (relative to root), label, width, height,
+                            bytes, mtime, ctime, inode, mtime_ns, hash
         skipped.jsonl       the ledger of files that were not indexed, with reasons
         index.faiss         the FAISS index over all vectors
     .staging/               shards of a run in progress; a re-run with the same settings resumes

@@ -36,7 +36,7 @@ def _generations(index_dir: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class _Selection:
-    """The rows a generation keeps, in id order, and where each one's vector is staged."""
+    """The rows a generation keeps, in scan (path) order, and where each one's vector is staged."""
 
     rows: pa.Table  # METADATA_SCHEMA: an Arrow table, not a million Python dicts held all build long
     skipped: list[dict[str, Any]]
@@ -108,9 +108,8 @@ def _stable_ids(rows: pa.Table, base: Base | None) -> tuple[np.ndarray, int]:
 
     if base is None:
         return np.arange(len(rows), dtype=np.int64), len(rows)
-    table = pq.read_table(base.folder / "metadata.parquet")  # read once: the ids and the rest
-    meta = conform(table).append_column("id", table["id"])
-    base_ids = meta["id"].to_numpy()
+    table = pq.read_table(base.folder / "metadata.parquet")
+    meta, base_ids = conform(table), table["id"].to_numpy()
     at = pc.fill_null(pc.index_in(rows["path"], value_set=meta["path"]), -1).to_numpy()
     ids = np.where(at >= 0, base_ids[np.maximum(at, 0)], -1)
     # Rows whose path is gone, by content: each one's id can go to one moved file.
@@ -135,7 +134,7 @@ def _stable_ids(rows: pa.Table, base: Base | None) -> tuple[np.ndarray, int]:
 def _write_vectors(
     selection: _Selection, arrays: list[Any], dim: int, shard_rows: int, out_dir: Path
 ) -> list[str]:
-    """Write the kept vectors in id order to `out_dir` as shards of `shard_rows`; their file names.
+    """Write the kept vectors in row order to `out_dir` as shards of `shard_rows`; their file names.
 
     `arrays` holds each source's rows (memory-mapped): gathered block by block, memory stays one block."""
     names: list[str] = []

@@ -55,7 +55,7 @@ def _open_shards(files: list[Path], dim: int, where: str, mmap: bool = True) -> 
 
 
 def load_vectors(index_dir: str | os.PathLike, manifest: Manifest, mmap: bool = True) -> np.ndarray:
-    """All vectors in id order (one array; memory-mapped shards are concatenated)."""
+    """All vectors in row order (one array; memory-mapped shards are concatenated)."""
     gen = generation_dir(index_dir, manifest)
     parts = _open_shards([gen / f for f in manifest.vector_files], manifest.dim, str(index_dir), mmap)
     if not parts:
