@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.config import SearchConfig
-from retrieval.index import ArrayRows, FactoryIndex, build_search_index, drop_self
-from retrieval.index.tune import K, ground_truth, hits, query_ids
+from retrieval.index import ArrayRows, FactoryIndex, build_search_index
+from retrieval.index.tune import ground_truth, query_ids, recall_at
 from retrieval.index.update import DRIFT
 
 
@@ -38,9 +38,7 @@ def recall(index: FactoryIndex, x: np.ndarray) -> float:
     rows = ArrayRows(x)
     truth = ground_truth(rows, "l2", query_ids(len(x), 1000, seed=7))
     index.attach(rows)
-    dist, found = index.search(truth.x, K + 1)
-    _, near = drop_self(found, dist, truth.ids, K)
-    return float(hits(near, truth).sum() / (len(found) * K))
+    return recall_at(index, truth)
 
 
 def main() -> None:

@@ -89,6 +89,14 @@ def recall_of(found: np.ndarray, rows: RowSource, truth: Truth, metric: str, k: 
     return float(hits(dist, truth).sum() / (len(found) * k))
 
 
+def recall_at(index: FactoryIndex, truth: Truth, k: int = K) -> float:
+    """recall@k of the index at its current settings, measured the way `Index.search_ids` answers:
+    k + 1 results re-ranked, the query's own row left out, ties counted."""
+    dist, ids = index.search(truth.x, k + 1)
+    _, near = drop_self(ids, dist, truth.ids, k)
+    return float(hits(near, truth).sum() / (len(ids) * k))
+
+
 def knobs(index: FactoryIndex) -> list[dict[str, int]]:
     """The search-time settings worth trying: IVF probes up to the list count, or HNSW beams."""
     ivf = _ivf(index.index_)
@@ -116,9 +124,7 @@ def sweep(index: FactoryIndex, rows: RowSource, truth: Truth, lossy: bool = True
             break  # saturated: wider probes cost time and find nothing new
         for r in reranks:
             index.set_params(**knob, rerank=r)
-            dist, ids = index.search(truth.x, k + 1)
-            _, near = drop_self(ids, dist, truth.ids, k)
-            points.append(Point({**knob, "rerank": r}, float(hits(near, truth).sum() / (len(ids) * k))))
+            points.append(Point({**knob, "rerank": r}, recall_at(index, truth, k)))
             if points[-1].recall >= 1.0:
                 break
         flat = flat + 1 if points[-1].recall < best + SATURATED else 0

@@ -8,8 +8,8 @@ import numpy as np
 
 from retrieval.config import SearchConfig
 from retrieval.index.approx import FactoryIndex
-from retrieval.index.base import RowSource, drop_self
-from retrieval.index.tune import K, Point, ground_truth, hits, query_ids, timed
+from retrieval.index.base import RowSource
+from retrieval.index.tune import Point, ground_truth, query_ids, recall_at, timed
 from retrieval.progress import Progress
 
 # Vectors added or removed since the lists and codes were trained, as a fraction of the vectors
@@ -41,23 +41,22 @@ def update_search_index(
     progress = progress or Progress()
     index = FactoryIndex.load(previous, metric=metric, record=record, writable=True)
     built = int(record.get("built_with", 0)) or index.ntotal  # older records: what it holds now
-    gone = np.setdiff1d(_faiss_ids(index), ids[carried])
     new_rows = np.flatnonzero(~carried)
-    drift = int(record.get("drift", 0)) + len(gone) + len(new_rows)
+    # It holds every row of the previous generation: those not carried over are the ones to remove.
+    drift = int(record.get("drift", 0)) + index.ntotal - int(carried.sum()) + len(new_rows)
     if drift > DRIFT * built:
         progress.note(
             f"{drift:,} vectors changed since {record.get('factory')} was trained: training a new one"
         )
         return None
+    gone = np.setdiff1d(_faiss_ids(index), ids[carried])
     index.remove(gone)
     for start in range(0, len(new_rows), 65536):
         block = new_rows[start : start + 65536]
         index.add(rows.take(block), ids[block])
     index.attach(rows, ids)
     truth = ground_truth(rows, metric, query_ids(len(rows), config.queries, config.seed))
-    dist, found = index.search(truth.x, K + 1)
-    _, near = drop_self(found, dist, truth.ids, K)
-    point = timed(index, truth, Point(dict(index.params), float(hits(near, truth).sum() / (len(found) * K))))
+    point = timed(index, truth, Point(dict(index.params), recall_at(index, truth)))
     if point.recall < config.min_recall:
         progress.note(
             f"{record.get('factory')} updated in place measures recall@10 {point.recall:.3f}, under "
